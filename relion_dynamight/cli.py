@@ -1,0 +1,159 @@
+"""Click command group ``relion_dynamight``: one thin command per task, delegating to ``jobs/``.
+
+Every command accepts ``--pipeline-control DIR`` (RELION 5 passes the dash form; the underscore form
+is accepted too).  Heavy modules are imported inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from relion_dynamight import __version__
+
+
+def pipeline_control_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--pipeline-control", "--pipeline_control", "pipeline_control", type=click.Path(path_type=Path),
+        default=None, help="Job directory for RELION's exit/abort files (RELION passes this itself).",
+    )(func)
+
+
+def gpu_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--gpu-id", "--gpu_id", "gpu_id", default="", show_default=False,
+        help="GPU to use: empty = GPU of the MPI local rank (CPU when none), a number, a list '0,1', or 'cpu'.",
+    )(func)
+
+
+def _run(name: str, job_dir: Path | None, module: str, **options: Any) -> None:
+    """Import ``relion_dynamight.jobs.<module>`` and run its ``run(job, **options)`` under the protocol."""
+    import importlib
+
+    from relion_dynamight.jobs.runner import run_task
+
+    def task(job: Any) -> Any:
+        mod = importlib.import_module(f"relion_dynamight.jobs.{module}")
+        return mod.run(job, **options)
+
+    sys.exit(run_task(name, job_dir, task))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="relion_dynamight")
+def cli() -> None:
+    """DynaMight flexibility analysis for RELION (Schwab, Kimanius et al., Nature Methods 2024).
+
+    The four DynaMight tasks run exactly as RELION 5's "DynaMight flexibility" job tab calls them;
+    ``simulate`` and ``reconstruct`` are our own tools.
+    """
+
+
+@cli.command("optimize-deformations")
+@click.option("--refinement-star-file", type=click.Path(path_type=Path), required=True,
+              help="Particles STAR file of the consensus refinement (e.g. Refine3D/job010/run_data.star).")
+@click.option("--output-directory", type=click.Path(path_type=Path), default=None,
+              help="Job directory (RELION: DynaMight/jobNNN/). Inside a RELION project it may be omitted.")
+@click.option("--initial-model", type=click.Path(path_type=Path), required=True,
+              help="Consensus map (MRC) of the refinement.")
+@click.option("--n-gaussians", type=int, default=10000, show_default=True, help="Number of Gaussians of the model.")
+@click.option("--initial-threshold", type=float, default=None,
+              help="Map threshold for placing Gaussians. Default: automatic, the value above which the "
+                   "brightest voxels hold the volume that the Gaussians can fill (see README).")
+@click.option("--regularization-factor", type=float, default=1.0, show_default=True,
+              help="Ratio of the geometric regulariser's gradient to the data term's gradient.")
+@click.option("--n-threads", type=int, default=1, show_default=True, help="CPU threads (torch intra-op threads).")
+@click.option("--preload-images", is_flag=True, help="Keep all images in RAM (checked against free memory).")
+@gpu_option
+@click.option("--n-latent-dimensions", type=int, default=6, show_default=True)
+@click.option("--n-epochs", type=int, default=50, show_default=True, help="Maximum number of epochs.")
+@click.option("--batch-size", type=int, default=None, help="Particles per batch (default: from a memory estimate).")
+@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None,
+              help="Start from this checkpoint instead of the job's latest one.")
+@click.option("--atomic-model", type=click.Path(path_type=Path), default=None,
+              help="PDB/mmCIF to coarse-grain into the Gaussian model (risky: can bias the result).")
+@click.option("--mask-file", type=click.Path(path_type=Path), default=None,
+              help="Deform only Gaussians inside this mask.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--validation-fraction", type=float, default=0.1, show_default=True)
+@pipeline_control_option
+def optimize_deformations(pipeline_control: Path | None, **options: Any) -> None:
+    """Train the two half-set VAEs (deformations of a Gaussian model of the consensus map)."""
+    job_dir = pipeline_control or options.get("output_directory")
+    _run("optimize-deformations", job_dir, "optimize_deformations", **options)
+
+
+@cli.command("optimize-inverse-deformations")
+@click.argument("output_directory", type=click.Path(path_type=Path))
+@click.option("--n-epochs", type=int, default=200, show_default=True)
+@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
+@click.option("--save-deformations", is_flag=True, help="Cache deformed positions in RAM instead of recomputing.")
+@click.option("--preload-images", is_flag=True)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@gpu_option
+@pipeline_control_option
+def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any) -> None:
+    """Train the inverse-deformation networks (deformed position → consensus position)."""
+    _run("optimize-inverse-deformations", pipeline_control or options["output_directory"], "optimize_inverse", **options)
+
+
+@cli.command("deformable-backprojection")
+@click.argument("output_directory", type=click.Path(path_type=Path))
+@click.option("--batch-size", type=int, default=10, show_default=True, help="Particles per insertion batch.")
+@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
+@click.option("--preload-images", is_flag=True)
+@gpu_option
+@pipeline_control_option
+def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> None:
+    """Deformation-corrected weighted backprojection: improved half maps."""
+    _run("deformable-backprojection", pipeline_control or options["output_directory"], "backprojection", **options)
+
+
+@cli.command("explore-latent-space")
+@click.argument("output_directory", type=click.Path(path_type=Path))
+@click.option("--half-set", type=int, default=1, show_default=True, help="1 or 2; 0 = validation particles.")
+@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
+@click.option("--no-gui", is_flag=True, help="Headless: write figures, maps and subsets only.")
+@gpu_option
+@pipeline_control_option
+def explore_latent_space(pipeline_control: Path | None, **options: Any) -> None:
+    """Latent-space analysis: figures, maps, movies, subsets, error estimates (napari when available)."""
+    _run("explore-latent-space", pipeline_control or options["output_directory"], "explore", **options)
+
+
+@cli.command("reconstruct")
+@click.option("--i", "star", type=click.Path(path_type=Path), required=True, help="Particles STAR file.")
+@click.option("--o", "output", type=click.Path(path_type=Path), required=True, help="Output map (.mrc).")
+@click.option("--subset", type=int, default=None, help="Use only rlnRandomSubset 1 or 2.")
+@click.option("--ctf", is_flag=True, help="Apply CTF correction.")
+@click.option("--maxres", type=float, default=None, help="Insert only up to this resolution (Å).")
+@click.option("--halves", is_flag=True, help="Also write _half1/_half2 maps and the FSC.")
+@click.option("--j", "threads", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@pipeline_control_option
+def reconstruct(pipeline_control: Path | None, **options: Any) -> None:
+    """Standard CTF-weighted Fourier reconstruction (like relion_reconstruct), MPI-distributable."""
+    _run("reconstruct", pipeline_control, "reconstruct", **options)
+
+
+@cli.command("simulate")
+@click.option("--o", "output", type=click.Path(path_type=Path), required=True, help="New project directory.")
+@click.option("--n-particles", type=int, default=2000, show_default=True)
+@click.option("--box", type=int, default=64, show_default=True)
+@click.option("--pixel-size", type=float, default=3.0, show_default=True)
+@click.option("--snr", type=float, default=0.1, show_default=True, help="Signal-to-noise ratio (variance); 0 = no noise.")
+@click.option("--motion", type=click.Choice(["hinge", "none"]), default="hinge", show_default=True)
+@click.option("--pdb", type=click.Path(path_type=Path), default=None, help="Atomic model (PDB/mmCIF) as phantom.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@pipeline_control_option
+def simulate(pipeline_control: Path | None, **options: Any) -> None:
+    """Write a RELION project with a flexible synthetic data set whose truth is known."""
+    _run("simulate", pipeline_control, "simulate", **options)
+
+
+def main() -> None:  # pragma: no cover - the console script uses relion_dynamight.launcher:main
+    cli()

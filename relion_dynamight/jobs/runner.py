@@ -1,0 +1,59 @@
+"""Run one task under the job protocol: logging, exit files, abort, one-line errors, MPI failure."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+from relion_dynamight.errors import InputError, JobAborted
+from relion_dynamight.logs import setup_logging
+from relion_dynamight.relion.jobdir import Job
+
+log = logging.getLogger("relion_dynamight")
+
+Task = Callable[[Job], Iterable[tuple[str, str]] | None]
+
+
+def run_task(name: str, job_dir: Path | None, task: Task) -> int:
+    """Run ``task(job)``; returns the process exit code (0 success, 1 failure, 3 aborted).
+
+    The task returns the output nodes to declare (``(path, RELION 5 label)``) or None.  With MPI,
+    only rank 0 writes exit files; an exception on any rank aborts all ranks after FAILURE is
+    written (see :mod:`relion_dynamight.parallel.mpi`).
+    """
+    from relion_dynamight.parallel.mpi import world
+
+    comm = world()
+    setup_logging(rank=comm.rank)
+    job = Job(job_dir, writer=comm.rank == 0)
+    job.start()
+    log.info("relion_dynamight %s started%s", name, f" in {job_dir}" if job_dir else "")
+    try:
+        nodes = task(job) or []
+        comm.barrier()
+    except InputError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return _fail(job, comm)
+    except JobAborted as exc:
+        log.warning("Aborted: %s", exc)
+        if comm.rank == 0:
+            job.aborted()
+        comm.abort_all_if_parallel(3)
+        return 3
+    except Exception as exc:  # noqa: BLE001 - any crash must become FAILURE, never a hang
+        traceback.print_exc(file=sys.stderr)
+        print(f"ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return _fail(job, comm)
+    job.succeed(nodes)
+    log.info("relion_dynamight %s finished successfully", name)
+    return 0
+
+
+def _fail(job: Job, comm: "object") -> int:
+    # Any rank may write FAILURE here: a failing rank other than 0 must not leave the job "Running".
+    Job(job.job_dir, writer=True).fail()
+    comm.abort_all_if_parallel(1)  # type: ignore[attr-defined]
+    return 1
