@@ -68,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # noqa: BLE001 - e.g. a failing lazy import inside a command
+        traceback.print_exc()
+        print(f"ERROR: relion_dynamight failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        _write_failure(args)
+        return 1
     return 0
 
 

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: installs what it needs, then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+python3 -m pytest tests -q -ra "$@"
