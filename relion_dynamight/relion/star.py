@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import starfile
+from starfile.writer import StarWriter
 import torch
 
 from relion_dynamight.errors import InputError
@@ -72,6 +73,17 @@ def read_star(path: str | Path) -> dict[str, pd.DataFrame]:
     return {name: _as_frame(block) for name, block in blocks.items()}
 
 
+def _numeric(series: pd.Series, path: Path, name: str) -> np.ndarray:
+    """A STAR column as float64; :class:`InputError` naming the file, column and row of a non-number."""
+    try:
+        return series.to_numpy(dtype=np.float64)
+    except (ValueError, TypeError):
+        bad = np.flatnonzero(pd.to_numeric(series, errors="coerce").isna().to_numpy())
+        row = int(bad[0]) if bad.size else 0
+        raise InputError(f"{path}: column _{name} has the non-numeric value {series.iloc[row]!r} in row "
+                         f"{row + 1}; repair the STAR file") from None
+
+
 def _as_frame(block: pd.DataFrame | dict) -> pd.DataFrame:
     if isinstance(block, pd.DataFrame):
         return block
@@ -97,20 +109,30 @@ class ParticleTable:
     #: Other data blocks of the file (e.g. ``general``), kept for writing.
     other_blocks: dict[str, pd.DataFrame] = field(default_factory=dict)
     _image_size: int | None = field(default=None, repr=False)
+    _optics_rows: np.ndarray | None = field(default=None, repr=False)
+    _pixel_sizes: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.particles)
 
     # -- per-particle lookup -------------------------------------------------------------------
     def _optics_row_index(self) -> np.ndarray:
-        """Row number in ``optics`` of each particle's optics group, ``(n,)``."""
-        groups = self.optics["rlnOpticsGroup"].to_numpy(dtype=np.int64)
-        if "rlnOpticsGroup" in self.particles:
-            pg = self.particles["rlnOpticsGroup"].to_numpy(dtype=np.int64)
-        else:
-            pg = np.full(len(self.particles), groups[0], dtype=np.int64)
-        lookup = {int(g): i for i, g in enumerate(groups)}
-        return np.array([lookup[int(g)] for g in pg], dtype=np.int64) if len(pg) else np.zeros(0, np.int64)
+        """Row number in ``optics`` of each particle's optics group, ``(n,)`` (cached)."""
+        if self._optics_rows is None:
+            groups = _numeric(self.optics["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
+            if "rlnOpticsGroup" in self.particles:
+                pg = _numeric(self.particles["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
+            else:
+                pg = np.full(len(self.particles), groups[0], dtype=np.int64)
+            sorter = np.argsort(groups, kind="stable")
+            pos = np.clip(np.searchsorted(groups[sorter], pg), 0, len(groups) - 1)
+            rows = sorter[pos]
+            unknown = np.flatnonzero(groups[rows] != pg)
+            if unknown.size:
+                raise InputError(f"{self.path}: particles use optics group {pg[unknown[0]]} which data_optics "
+                                 "does not define; fix _rlnOpticsGroup")
+            self._optics_rows = rows
+        return self._optics_rows
 
     def has_column(self, name: str) -> bool:
         """Whether ``name`` is a particle column or an optics column."""
@@ -120,10 +142,9 @@ class ParticleTable:
         """Per-particle float64 values of ``name``: particle row, else optics row, else ``default``."""
         rows = slice(None) if indices is None else np.asarray(indices, dtype=np.int64)
         if name in self.particles:
-            return self.particles[name].to_numpy(dtype=np.float64)[rows]
+            return _numeric(self.particles[name], self.path, name)[rows]
         if self.optics is not None and name in self.optics:
-            values = self.optics[name].to_numpy(dtype=np.float64)
-            return values[self._optics_row_index()[rows]]
+            return _numeric(self.optics[name], self.path, name)[self._optics_row_index()[rows]]
         if default is None:
             raise InputError(f"{self.path}: column _{name} is missing (particles and optics tables); "
                              "add it to the STAR file")
@@ -159,15 +180,18 @@ class ParticleTable:
 
     @property
     def pixel_sizes(self) -> np.ndarray:
-        """Å/pixel of each particle ``(n,)`` from its optics group (3.0: its own row)."""
-        sizes = self._pixel_sizes_or_none()
-        if sizes is None:
-            where = "optics table" if self.optics is not None else "particle table"
-            raise InputError(f"{self.path}: no pixel size: the {where} lacks _rlnImagePixelSize "
-                             "(or _rlnDetectorPixelSize and _rlnMagnification); add it or give the pixel size")
-        if not (np.isfinite(sizes).all() and (sizes > 0).all()):
-            raise InputError(f"{self.path}: pixel sizes must be positive numbers, found {np.unique(sizes)[:5]}")
-        return sizes
+        """Å/pixel of each particle ``(n,)`` from its optics group (3.0: its own row). Cached: treat the
+        tables as read-only."""
+        if self._pixel_sizes is None:
+            sizes = self._pixel_sizes_or_none()
+            if sizes is None:
+                where = "optics table" if self.optics is not None else "particle table"
+                raise InputError(f"{self.path}: no pixel size: the {where} lacks _rlnImagePixelSize "
+                                 "(or _rlnDetectorPixelSize and _rlnMagnification); add it or give the pixel size")
+            if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+                raise InputError(f"{self.path}: pixel sizes must be positive numbers, found {np.unique(sizes)[:5]}")
+            self._pixel_sizes = sizes
+        return self._pixel_sizes
 
     def _pixel_sizes_or_none(self) -> np.ndarray | None:
         if self.has_column("rlnImagePixelSize"):
@@ -211,7 +235,7 @@ class ParticleTable:
                                else values["defocus_u"].copy())
         pixel = self.pixel_sizes
         values["pixel_size"] = pixel if indices is None else pixel[np.asarray(indices, dtype=np.int64)]
-        return CtfParams(**{k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()})
+        return CtfParams(**{k: torch.tensor(np.array(v, dtype=np.float32)) for k, v in values.items()})
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -275,15 +299,10 @@ def _validate_optics(table: ParticleTable) -> None:
     path, optics, particles = table.path, table.optics, table.particles
     if len(optics) == 0 or "rlnOpticsGroup" not in optics:
         raise InputError(f"{path}: data_optics has no _rlnOpticsGroup rows; repair the optics table")
-    groups = set(int(g) for g in optics["rlnOpticsGroup"])
-    if "rlnOpticsGroup" not in particles:
-        if len(groups) > 1:
-            raise InputError(f"{path}: column _rlnOpticsGroup is missing from data_particles but there are "
-                             f"{len(groups)} optics groups; add the column")
-        return
-    unknown = sorted(set(int(g) for g in particles["rlnOpticsGroup"]) - groups)
-    if unknown:
-        raise InputError(f"{path}: particles use optics group {unknown[0]} which data_optics does not define")
+    if "rlnOpticsGroup" not in particles and len(optics) > 1:
+        raise InputError(f"{path}: column _rlnOpticsGroup is missing from data_particles but there are "
+                         f"{len(optics)} optics groups; add the column")
+    table._optics_row_index()  # raises InputError for groups that data_optics does not define
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -292,11 +311,13 @@ def write_particles(table: ParticleTable, path: str | Path, rows: Sequence[int] 
     """Write ``table`` (optionally only ``rows``, plus ``extra_columns``) as a RELION STAR file.
 
     Every input column and the optics table are kept; the file starts with ``# version 30001`` so that
-    RELION 3.1+ reads it. ``extra_columns`` maps column names (``rln`` prefix recommended) to arrays with
-    one value per written row (or per input row, then subset with ``rows``). Written atomically; refuses to
-    overwrite the input STAR file.
+    RELION 3.1+ reads it (RELION 3.0 tables are written as 3.0 files, without it). ``extra_columns`` maps
+    column names (``rln`` prefix recommended) to arrays with one value per written row (or per input row,
+    then subset with ``rows``). Written atomically; refuses to overwrite the input STAR file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: output is a directory; give a STAR file name")
     if _same_file(path, table.path):
         raise InputError(f"{path}: output would overwrite the input STAR file; choose another output name")
     particles = table.particles
@@ -315,7 +336,8 @@ def write_particles(table: ParticleTable, path: str | Path, rows: Sequence[int] 
     if table.optics is not None:
         blocks["optics"] = table.optics
     blocks[table.particles_block] = particles
-    _write_blocks(blocks, path)
+    # RELION 3.1 misreads a 3.0-style file (no optics table) that carries a version line: write none then.
+    _write_blocks(blocks, path, STAR_VERSION_LINE if table.optics is not None else None)
     return path
 
 
@@ -326,17 +348,16 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _write_blocks(blocks: dict[str, pd.DataFrame], path: Path) -> None:
+def _write_blocks(blocks: dict[str, pd.DataFrame], path: Path, version_line: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # float_format=None: pandas' shortest round-trip repr (lossless, '300.0' stays a float)
+    lines = StarWriter(blocks, float_format=None).lines()
+    body = "\n".join(line for line in lines if not line.startswith("# Created by")).lstrip()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        starfile.write(blocks, tmp, float_format="%.9g", sep=" ", overwrite=True)
-        with open(tmp, encoding="utf-8") as fh:
-            text = fh.read()
-        body = "\n".join(line for line in text.splitlines() if not line.startswith("# Created by"))
         with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(f"\n{STAR_VERSION_LINE}\n\n{body.lstrip()}\n")
+            fh.write(f"\n{version_line}\n\n{body}\n" if version_line else f"\n{body}\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
