@@ -106,6 +106,10 @@ def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any)
 @click.option("--batch-size", type=int, default=10, show_default=True, help="Particles per insertion batch.")
 @click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
 @click.option("--preload-images", is_flag=True)
+@click.option("--group-resolution", type=float, default=0.5, show_default=True,
+              help="Particles whose deformations agree within this RMS (pixels) share one warp; 0 = one per particle.")
+@click.option("--field-spacing", type=float, default=2.0, show_default=True,
+              help="Grid spacing (pixels) on which the inverse deformation is evaluated before up-sampling.")
 @gpu_option
 @pipeline_control_option
 def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> None:
@@ -118,6 +122,23 @@ def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> 
 @click.option("--half-set", type=int, default=1, show_default=True, help="1 or 2; 0 = validation particles.")
 @click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
 @click.option("--no-gui", is_flag=True, help="Headless: write figures, maps and subsets only.")
+@click.option("--latent-points", type=click.Path(path_type=Path), default=None,
+              help="Text file, one latent point per line (L numbers, or 2 PCA coordinates): a deformed map each.")
+@click.option("--clusters", type=int, default=None,
+              help="k-means clusters of the latent space: a map at each centre and a subset STAR per cluster.")
+@click.option("--axis-range", "axis_range", multiple=True,
+              help="Subset by ranges 'AXIS:MIN:MAX[,...]' (AXIS = latent dimension 1..L or pc1, pc2, ...; "
+                   "empty MIN/MAX = open). Repeat for several subsets.")
+@click.option("--polygon", type=click.Path(path_type=Path), multiple=True,
+              help="Subset inside a polygon of the PCA plane: text file, one 'x y' vertex per line. Repeatable.")
+@click.option("--movie-pcs", type=int, default=2, show_default=True,
+              help="Movies along the first N principal components (0 = none).")
+@click.option("--movie-path", type=click.Path(path_type=Path), default=None,
+              help="Movie along a path through latent space: waypoints file, same format as --latent-points.")
+@click.option("--n-frames", type=int, default=10, show_default=True, help="Frames per movie.")
+@click.option("--refinement-star-file", type=click.Path(path_type=Path), default=None,
+              help="Particles STAR file of the training (default: the one recorded in the checkpoint).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means and UMAP.")
 @gpu_option
 @pipeline_control_option
 def explore_latent_space(pipeline_control: Path | None, **options: Any) -> None:
@@ -157,3 +178,27 @@ def simulate(pipeline_control: Path | None, **options: Any) -> None:
 
 def main() -> None:  # pragma: no cover - the console script uses relion_dynamight.launcher:main
     cli()
+
+
+@cli.command("install-relion-gui")
+@click.option("--project", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="RELION project directory to install into.")
+@click.option("--force", is_flag=True, help="Replace files of ours that you have edited.")
+def install_relion_gui(**options: Any) -> None:
+    """Install the DynaMight tab defaults, External-job definitions and the Schemes/dynamight scheme."""
+    _run("install-relion-gui", None, "install_gui", **options)
+
+
+@cli.command("external", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                           "help_option_names": []})
+@click.argument("command")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def external(command: str, args: tuple[str, ...]) -> None:
+    """Run COMMAND as a RELION External job (fn_exe: 'relion_dynamight external COMMAND').
+
+    Translates RELION's --o, --in_parts, --in_3dref, --in_mask, --j and --LABEL VALUE parameters into
+    COMMAND's options and declares the outputs in the project's pipeline format.
+    """
+    from relion_dynamight.relion.external import run_external
+
+    sys.exit(run_external(command, list(args)))
