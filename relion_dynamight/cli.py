@@ -29,17 +29,65 @@ def gpu_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
-def _run(name: str, job_dir: Path | None, module: str, **options: Any) -> None:
-    """Import ``relion_dynamight.jobs.<module>`` and run its ``run(job, **options)`` under the protocol."""
+def _run(name: str, job_dir: Path | None, module: str, continues: bool = False, **options: Any) -> None:
+    """Import ``relion_dynamight.jobs.<module>`` and run its ``run(job, **options)`` under the protocol.
+
+    ``continues``: the task continues the DynaMight job ``options['output_directory']``; inside a RELION
+    project that directory must not belong to another job type.
+    """
     import importlib
 
     from relion_dynamight.jobs.runner import run_task
 
     def task(job: Any) -> Any:
+        if continues:
+            from relion_dynamight.relion.project import check_job_type
+
+            check_job_type(Path("."), Path(options["output_directory"]))
         mod = importlib.import_module(f"relion_dynamight.jobs.{module}")
         return mod.run(job, **options)
 
     sys.exit(run_task(name, job_dir, task))
+
+
+def _run_standalone(name: str, module: str, inputs: list[tuple[str, str]], job_options: dict[str, str],
+                    **options: Any) -> None:
+    """Run a task without --output-directory inside a RELION project, registered like a GUI job.
+
+    Rank 0 creates and registers the next ``DynaMight/jobNNN/`` under RELION's lock; the final status
+    (Succeeded/Failed/Aborted) and the output nodes are written to ``default_pipeline.star`` at the end.
+    """
+    from relion_dynamight.errors import InputError
+    from relion_dynamight.jobs.runner import run_task
+    from relion_dynamight.parallel.mpi import world
+    from relion_dynamight.relion.jobdir import read_output_nodes
+    from relion_dynamight.relion.project import finish_standalone_job, prepare_standalone_job
+
+    comm = world()
+    job_dir: Path | None = None
+    message = None
+    if comm.rank == 0:
+        try:
+            job_dir = prepare_standalone_job(Path("."), "dynamight", "relion_dynamight " + " ".join(sys.argv[1:]),
+                                             inputs, job_options)
+        except InputError as exc:
+            message = str(exc)
+    job_dir, message = comm.bcast((job_dir, message))
+    if message is not None:
+        print(f"ERROR: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    options["output_directory"] = job_dir
+    import importlib
+
+    def task(job: Any) -> Any:
+        return importlib.import_module(f"relion_dynamight.jobs.{module}").run(job, **options)
+
+    code = run_task(name, job_dir, task)
+    if comm.rank == 0:
+        status = {0: "Succeeded", 3: "Aborted"}.get(code, "Failed")
+        nodes = read_output_nodes(job_dir) if (job_dir / "RELION_OUTPUT_NODES.star").exists() else []
+        finish_standalone_job(Path("."), job_dir, status, nodes)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -82,8 +130,16 @@ def cli() -> None:
 @pipeline_control_option
 def optimize_deformations(pipeline_control: Path | None, **options: Any) -> None:
     """Train the two half-set VAEs (deformations of a Gaussian model of the consensus map)."""
-    job_dir = pipeline_control or options.get("output_directory")
-    _run("optimize-deformations", job_dir, "optimize_deformations", **options)
+    if options.get("output_directory") is None and pipeline_control is None:
+        inputs = [(str(options["refinement_star_file"]), "ParticleGroupMetadata.star.relion"),
+                  (str(options["initial_model"]), "DensityMap.mrc")]
+        job_options = {"fn_star": str(options["refinement_star_file"]), "fn_map": str(options["initial_model"]),
+                       "nr_gaussians": str(options["n_gaussians"]), "reg_factor": str(options["regularization_factor"]),
+                       "fn_dynamight_exe": "relion_dynamight"}
+        _run_standalone("optimize-deformations", "optimize_deformations", inputs, job_options, **options)
+    if options.get("output_directory") is None:
+        options["output_directory"] = pipeline_control
+    _run("optimize-deformations", pipeline_control or options["output_directory"], "optimize_deformations", **options)
 
 
 @cli.command("optimize-inverse-deformations")
@@ -98,7 +154,7 @@ def optimize_deformations(pipeline_control: Path | None, **options: Any) -> None
 @pipeline_control_option
 def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any) -> None:
     """Train the inverse-deformation networks (deformed position → consensus position)."""
-    _run("optimize-inverse-deformations", pipeline_control or options["output_directory"], "optimize_inverse", **options)
+    _run("optimize-inverse-deformations", pipeline_control or options["output_directory"], "optimize_inverse", continues=True, **options)
 
 
 @cli.command("deformable-backprojection")
@@ -114,7 +170,7 @@ def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any)
 @pipeline_control_option
 def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> None:
     """Deformation-corrected weighted backprojection: improved half maps."""
-    _run("deformable-backprojection", pipeline_control or options["output_directory"], "backprojection", **options)
+    _run("deformable-backprojection", pipeline_control or options["output_directory"], "backprojection", continues=True, **options)
 
 
 @cli.command("explore-latent-space")
@@ -143,7 +199,7 @@ def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> 
 @pipeline_control_option
 def explore_latent_space(pipeline_control: Path | None, **options: Any) -> None:
     """Latent-space analysis: figures, maps, movies, subsets, error estimates (napari when available)."""
-    _run("explore-latent-space", pipeline_control or options["output_directory"], "explore", **options)
+    _run("explore-latent-space", pipeline_control or options["output_directory"], "explore", continues=True, **options)
 
 
 @cli.command("reconstruct")

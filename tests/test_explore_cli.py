@@ -1,0 +1,119 @@
+"""explore-latent-space from the command line on a job directory with a real training checkpoint.
+
+The checkpoint is written with the trainer's own classes (training/half.HalfModel, checkpoint.save_checkpoint)
+from untrained networks whose output layers are given random weights, so the decoders deform the model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from relion_dynamight.relion.jobdir import EXIT_FAILURE, EXIT_SUCCESS, read_output_nodes
+
+from conftest import run_cli
+from explore_data import BOX, LATENT, PIXEL, gaussian_positions, write_project
+
+JOB = "DynaMight/job002"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> None:
+    """The command's setup_logging binds handlers to CliRunner's streams: put the root handlers back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def invoke(*args: str) -> object:
+    from relion_dynamight.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def make_trained_job(root: Path, n: int = 80) -> Path:
+    from relion_dynamight.model.consensus import GaussianParams
+    from relion_dynamight.relion.star import load_particles, write_particles
+    from relion_dynamight.training import checkpoint as ckpt
+    from relion_dynamight.training.config import default_config
+    from relion_dynamight.training.half import HalfModel, gaussian_tree
+    from relion_dynamight.training.halves import choose_validation, fingerprint
+
+    star = write_project(root, n)
+    table = load_particles(star)
+    config = default_config(box=BOX, pixel_size=PIXEL, latent_dim=LATENT, batch_size=16, n_gaussians=0,
+                            star_file=str(star.relative_to(root)))
+    pos = gaussian_positions()
+    initial = gaussian_tree(GaussianParams(pos, torch.tensor(0.0), torch.log(torch.tensor(1.2))))
+    half = table.random_subset.astype(np.int8)
+    validation = choose_validation(half, 0.2, 0)
+    halves = {}
+    torch.manual_seed(0)
+    for h in (1, 2):
+        train, val = np.flatnonzero((half == h) & ~validation), np.flatnonzero((half == h) & validation)
+        model = HalfModel(h, config, initial, train, val, torch.device("cpu"))
+        with torch.no_grad():
+            model.decoder.net.out.weight.normal_(0, 0.5)
+        halves[h] = model.state_tree()
+    job = root / JOB
+    state = {"epoch": 1, "config": config, "fingerprint": fingerprint(table.image_names), "split_half": half,
+             "split_validation": validation, "initial": initial, "halves": halves}
+    ckpt.save_checkpoint(ckpt.final_path(job), state)
+    z = np.random.default_rng(3).normal(0, 1, (n, LATENT))
+    extra = {"rlnRandomSubset": half.astype(np.int64), "dmValidation": validation.astype(np.int64),
+             **{f"dmLatent{k + 1}": z[:, k] for k in range(LATENT)}}
+    write_particles(table, job / "forward_deformations" / "latent_space.star", extra_columns=extra)
+    return job
+
+
+def test_headless_in_process_without_display_or_napari(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_trained_job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    result = invoke("explore-latent-space", JOB, "--half-set", "1", "--clusters", "3", "--movie-pcs", "1",
+                    "--n-frames", "3", "--gpu-id", os.environ.get("EXPLORE_TEST_GPU_ID", "cpu"), "--pipeline-control", JOB + "/")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / JOB / EXIT_SUCCESS).exists()
+    nodes = read_output_nodes(tmp_path / JOB)
+    assert [Path(n).name for n, _ in nodes] == [f"half1_cluster0{k}.star" for k in (1, 2, 3)]
+    assert all(n.startswith(JOB + "/subsets/") for n, _ in nodes)
+    assert "napari" not in sys.modules and "PyQt5" not in sys.modules and "qtpy" not in sys.modules
+    assert (tmp_path / JOB / "report.html").stat().st_size > 10_000
+    result = invoke("explore-latent-space", JOB, "--half-set", "1", "--clusters", "1000", "--pipeline-control",
+                    JOB + "/")
+    assert result.exit_code == 1 and (tmp_path / JOB / EXIT_FAILURE).exists()
+    assert "ERROR: --clusters 1000 is more than the 40 particles" in result.output
+
+
+def test_cli_subprocess_half_set_0(tmp_path: Path) -> None:
+    make_trained_job(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    out = run_cli("explore-latent-space", JOB, "--half-set", "0", "--pipeline-control", JOB + "/", cwd=tmp_path,
+                  env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / JOB / EXIT_SUCCESS).exists()
+    err = tmp_path / JOB / "explore" / "half0" / "errors" / "errors_per_gaussian.csv"
+    assert err.is_file() and len(err.read_text().splitlines()) == 1 + len(gaussian_positions())
+    assert "Deformation errors on 16 validation particles" in out.stdout
+
+
+def test_no_checkpoint_says_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    job = Path("DynaMight") / "job009"
+    job.mkdir(parents=True)
+    result = invoke("explore-latent-space", str(job), "--half-set", "1", "--no-gui")
+    assert result.exit_code == 1 and (job / EXIT_FAILURE).exists()
+    assert "no training checkpoint" in result.output and "optimize-deformations" in result.output
+    result = invoke("explore-latent-space", str(job), "--half-set", "5")
+    assert result.exit_code == 1 and "--half-set 5: use 1 or 2" in result.output
