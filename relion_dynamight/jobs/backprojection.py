@@ -1,0 +1,237 @@
+"""``deformable-backprojection DIR``: deformation-corrected half maps (paper: "Improved 3D reconstruction").
+
+Per half set, only that half's particles and networks are used (gold standard):
+
+1. each particle's deformation signature = the inverse network's displacements at up to 256 probe points
+   (consensus Gaussian centres) for its latent code; particles are grouped so that signatures within a
+   group agree to ``--group-resolution`` pixels (:mod:`relion_dynamight.imaging.grouping`);
+2. per group: Fourier insertion of the members' CTF-multiplied images, one inverse FFT, one warp into the
+   consensus frame with the group representative's deformation (inverse network on a coarse grid,
+   inverted, up-sampled: :func:`relion_dynamight.training.inverse.dense_forward_positions`);
+3. sum over groups, divide by the undeformed CTF² weights (with an FSC-based Wiener term computed from a
+   first, unregularised pass of both halves, as RELION's refinement does) and gridding-correct.
+
+Groups are shared out over MPI ranks by size; the sums are reduced on every rank; rank 0 writes
+``DIR/backprojection/``: ``map_half1.mrc``, ``map_half2.mrc``, ``map.mrc`` (their average),
+``standard_half{1,2}.mrc`` (the same particles without deformation correction, for comparison),
+``fsc.star`` and ``fsc.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from relion_dynamight.errors import InputError
+from relion_dynamight.jobs import optimize_inverse as inv
+
+log = logging.getLogger("relion_dynamight")
+
+HALFMAP_LABEL = "DensityMap.mrc.relion.halfmap.dynamight"
+#: RMS deformation mismatch (pixels) allowed inside a group; chosen by measurement (README, benchmark).
+DEFAULT_GROUP_RESOLUTION = 0.5
+#: Spacing (pixels) of the coarse grid on which the inverse network is evaluated (the paper uses 2).
+DEFAULT_FIELD_SPACING = 2.0
+MIN_INSERT_BATCH = 64
+N_PROBES = 256
+
+
+def backprojection_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "backprojection"
+
+
+# -- the engine on particle data (also used by tests and the benchmark) -------------------------------
+def assign_groups(sizes: np.ndarray, n_ranks: int) -> list[list[int]]:
+    """Share groups over ranks balancing member counts (largest first onto the least-loaded rank)."""
+    load = [0] * n_ranks
+    out: list[list[int]] = [[] for _ in range(n_ranks)]
+    for g in sorted(range(len(sizes)), key=lambda g: (-int(sizes[g]), g)):
+        r = min(range(n_ranks), key=lambda r: (load[r], r))
+        out[r].append(g)
+        load[r] += int(sizes[g])
+    return [sorted(gs) for gs in out]
+
+
+def backproject_groups(data: Any, rows: np.ndarray, labels: np.ndarray,
+                       field: Callable[[int], Tensor | None], box: int, device: torch.device,
+                       batch_size: int = 64, comm: Any = None, check_abort: Callable[[], None] = lambda: None,
+                       ctf: bool = True) -> Any:
+    """Deformed backprojection of particles ``rows`` of ``data`` (a ``ParticleData``) grouped by ``labels``.
+
+    ``field(g)`` gives group ``g``'s dense position field ``(box, box, box, 3)`` (or None = identity).
+    With ``comm`` the groups are shared over its ranks and the sums reduced.  Returns the
+    :class:`~relion_dynamight.imaging.deformed_backprojection.DeformedBackprojector`.
+    """
+    from relion_dynamight.imaging.backprojection import prepare_spectra
+    from relion_dynamight.imaging.ctf import ctf_2d
+    from relion_dynamight.imaging.deformed_backprojection import DeformedBackprojector
+
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    n_groups = int(labels.max()) + 1 if len(labels) else 0
+    sizes = np.bincount(labels, minlength=n_groups)
+    mine = assign_groups(sizes, size)[rank]
+    bp = DeformedBackprojector(box, device=device)
+    for g in mine:
+        members = rows[labels == g]
+        for batch in data.iter_batches(members, batch_size):
+            b = batch.to(device)
+            c = ctf_2d(b.ctf, box) if ctf else None
+            spectra, weights = prepare_spectra(b.images, b.shifts, c, b.ctf_premultiplied if ctf else None)
+            bp.insert(spectra, weights, b.rotations)
+            check_abort()
+        bp.finish_group(field(g))
+    if comm is not None:
+        bp.reduce_(comm)
+    return bp
+
+
+def group_half(net: Any, centres: Tensor, latents: Tensor, tolerance: float) -> tuple[np.ndarray, Tensor, Tensor]:
+    """``(labels (P,), representative index per group (G,), spreads (G,))`` for one half's latents."""
+    from relion_dynamight.imaging.grouping import group_by_deformation, group_representatives, group_spreads
+    from relion_dynamight.training.inverse import probe_displacements
+
+    m = centres.shape[0]
+    probes = centres[torch.linspace(0, m - 1, min(m, N_PROBES)).round().long().unique()]
+    feats = probe_displacements(net, probes, latents)
+    labels = group_by_deformation(feats, tolerance)
+    return labels.numpy(), group_representatives(feats, labels), group_spreads(feats, labels)
+
+
+# -- the task ---------------------------------------------------------------------------------------
+def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file: Path | None = None,
+        preload_images: bool = False, gpu_id: str = "", group_resolution: float = DEFAULT_GROUP_RESOLUTION,
+        field_spacing: float = DEFAULT_FIELD_SPACING) -> list[tuple[str, str]]:
+    """Compute and write the improved half maps; returns their output nodes."""
+    from relion_dynamight.parallel.device import choose_device
+    from relion_dynamight.parallel.mpi import world
+    from relion_dynamight.training.inverse import dense_forward_positions
+
+    out = Path(output_directory)
+    comm = world()
+    device = choose_device(gpu_id, comm.local_rank)
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} must be at least 1")
+    inputs = inv.load_forward(out, checkpoint_file, "deformable-backprojection")
+    infos = {h: _inverse_for(out, h, inputs, device) for h in (1, 2)}
+    data = _particles(inputs, preload_images)
+    box = inputs.box
+    insert_batch = max(int(batch_size), MIN_INSERT_BATCH)
+    log.info("Device %s, %d MPI rank(s); insertion batches of %d particles; group resolution %.2f px",
+             device, comm.size, insert_batch, group_resolution)
+    results = {}
+    for h in (1, 2):
+        t0 = time.monotonic()
+        rows = np.flatnonzero(inputs.half == h)
+        net = inv.inverse_net_from_file(infos[h], device)
+        latents = inputs.latents[rows]
+        labels, reps, spreads = group_half(net, infos[h]["centres"].to(device), latents, group_resolution)
+        log.info("Half %d: %d particles in %d groups (largest spread %.2f px)", h, len(rows), len(reps),
+                 float(spreads.max()) if len(spreads) else 0.0)
+        residuals: list[float] = []
+
+        def field(g: int, net: Any = net, latents: Tensor = latents, reps: Tensor = reps) -> Tensor:
+            pos, res = dense_forward_positions(net, latents[reps[g]], box, field_spacing)
+            residuals.append(res)
+            return pos
+
+        results[h] = backproject_groups(data, rows, labels, field, box, device, insert_batch, comm, job.check_abort)
+        if residuals and max(residuals) > 0.5:
+            log.warning("WARNING: half %d: inverting the deformation left up to %.2f px of error (folding fields?)",
+                        h, max(residuals))
+        log.info("Half %d: backprojection done in %.1f s", h, time.monotonic() - t0)
+    if comm.rank != 0:
+        return []
+    pixel = float(inputs.config.get("pixel_size") or float(data.pixel_sizes[0]))
+    return write_maps(out, results, box, pixel)
+
+
+def _inverse_for(out: Path, half: int, inputs: inv.ForwardInputs, device: torch.device) -> dict[str, Any]:
+    path = inv.inverse_path(out, half)
+    command = f"relion_dynamight optimize-inverse-deformations {out}"
+    if not path.is_file():
+        raise InputError(f"{path} not found: the inverse deformations have not been trained; run '{command}' "
+                         "before deformable-backprojection")
+    info = inv.load_inverse(path, device)
+    if int(info["epoch"]) < int(info["n_epochs"]):
+        raise InputError(f"{path}: inverse training stopped after {info['epoch']} of {info['n_epochs']} epochs; "
+                         f"run '{command}' again to finish it")
+    if not inv.same_forward(info, inputs):
+        raise InputError(f"{path} was trained from {info['forward_checkpoint']} (epoch {info['forward_epoch']}), "
+                         f"not from {inputs.checkpoint}; run '{command} --checkpoint-file {inputs.checkpoint}' first")
+    return info
+
+
+def _particles(inputs: inv.ForwardInputs, preload: bool) -> Any:
+    from relion_dynamight.relion.particles import ParticleData
+    from relion_dynamight.training.halves import fingerprint
+
+    star = inputs.config.get("star_file")
+    if not star:
+        raise InputError(f"{inputs.checkpoint} does not name its particles STAR file; rerun optimize-deformations")
+    data = ParticleData(star, preload=preload)
+    if tuple(fingerprint(data.table.image_names)) != tuple(inputs.state["fingerprint"]):
+        raise InputError(f"{star} no longer lists the particles the checkpoint {inputs.checkpoint} was trained on "
+                         f"({len(data)} vs {inputs.state['fingerprint'][0]} particles or other image names)")
+    return data
+
+
+def write_maps(out: Path, results: dict[int, Any], box: int, pixel: float) -> list[tuple[str, str]]:
+    """Reconstruct (two passes: plain, then with the FSC-based Wiener term) and write all outputs."""
+    from relion_dynamight.imaging.backprojection import wiener_term_from_fsc
+    from relion_dynamight.imaging.fourier import fsc
+    from relion_dynamight.relion.mrc import write_map
+
+    folder = backprojection_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = {h: results[h].reconstruct() for h in (1, 2)}
+    curve = fsc(first[1], first[2])
+    maps = {}
+    for h in (1, 2):
+        wiener = wiener_term_from_fsc(results[h].weight_grid(), curve, box)
+        maps[h] = results[h].reconstruct(wiener=wiener)
+        standard = results[h].standard_reconstruction(wiener=wiener)
+        write_map(folder / f"map_half{h}.mrc", maps[h].cpu().numpy(), pixel)
+        write_map(folder / f"standard_half{h}.mrc", standard.cpu().numpy(), pixel)
+    write_map(folder / "map.mrc", (0.5 * (maps[1] + maps[2])).cpu().numpy(), pixel)
+    final = fsc(maps[1], maps[2])
+    write_fsc(folder, final, box, pixel)
+    from relion_dynamight.imaging.fourier import resolution_at
+
+    log.info("Half-map FSC = 0.143 at %.2f A; maps in %s", resolution_at(final, 0.143, box, pixel), folder)
+    return [(str(folder / "map_half1.mrc"), HALFMAP_LABEL), (str(folder / "map_half2.mrc"), HALFMAP_LABEL)]
+
+
+def write_fsc(folder: Path, curve: Tensor, box: int, pixel: float) -> None:
+    """``fsc.star`` (RELION's columns) and ``fsc.png``."""
+    from relion_dynamight.relion.jobdir import atomic_write_text
+
+    lines = ["", "# version 30001", "", "data_fsc", "", "loop_", "_rlnSpectralIndex #1", "_rlnResolution #2",
+             "_rlnAngstromResolution #3", "_rlnFourierShellCorrelation #4"]
+    res = []
+    for i, v in enumerate(curve.tolist()):
+        inv_a = i / (box * pixel)
+        ang = 1.0 / inv_a if i else 999.0
+        res.append(inv_a)
+        lines.append(f"{i:d} {inv_a:.6f} {ang:.4f} {v:.6f}")
+    atomic_write_text(folder / "fsc.star", "\n".join(lines) + "\n\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(res, curve.tolist(), label="half maps (deformation-corrected)")
+    ax.axhline(0.143, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("resolution (1/Å)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "fsc.png", dpi=100)
+    plt.close(fig)
