@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from relion_dynamight.errors import InputError
+from relion_dynamight.imaging.gaussians import render_volume
 from relion_dynamight.model.consensus import (
     GaussianModel,
     auto_threshold,
+    fit_grid_size,
     from_atomic_model,
     initialize_from_map,
     map_correlation,
 )
+from relion_dynamight.model.render import gaussian_spectrum, render_splat, spectral_fit_loss
 
 BOX = 32
 
@@ -82,6 +85,86 @@ def test_params_round_trip():
     assert torch.equal(copy.amplitudes, model.amplitudes)
     assert math.isclose(float(copy.widths.detach()), 1.5, rel_tol=1e-6)
     assert {n for n, _ in copy.named_parameters()} == {"positions", "log_amplitude", "log_width"}
+
+
+def test_auto_threshold_ignores_flat_corners():
+    """Reconstructions are often flat outside the inscribed sphere: that must not pass for noise-free solvent."""
+    n = 48
+    c = torch.arange(n, dtype=torch.float32) - n // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    r = torch.sqrt(x**2 + y**2 + z**2)
+    clean = torch.exp(-(r / 6.0) ** 2 / 2)
+    vol = _noisy(clean, 0.05, seed=2)
+    vol[r > n / 2] = 0.0
+    thr = auto_threshold(vol, n_gaussians=100)
+    selected = vol > thr
+    assert float((clean[selected] > 0.05).float().mean()) == 1.0
+    assert 0.2 < thr < 0.4  # 5 SD of the noise (0.25) above the solvent level 0
+
+
+# --- fast rendering and scaling ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [1.0, 1.6, 3.0])
+def test_splat_renderer_matches_exact_render(width):
+    gen = torch.Generator().manual_seed(4)
+    pos = (torch.rand(300, 3, generator=gen) - 0.5) * 24
+    amp = torch.rand(300, generator=gen) + 0.5
+    exact = render_volume(pos, amp, width, 40)
+    fast = render_splat(pos, amp, torch.tensor(width), 40)
+    assert map_correlation(fast, exact) >= 0.999
+    assert float((fast - exact).abs().max()) < 0.03 * float(exact.max())
+
+
+def test_splat_renderer_with_two_width_classes():
+    gen = torch.Generator().manual_seed(5)
+    pos = (torch.rand(200, 3, generator=gen) - 0.5) * 20
+    widths = torch.where(torch.arange(200) % 2 == 0, torch.tensor(1.8), torch.tensor(2.6))
+    assert map_correlation(render_splat(pos, 1.0, widths, 32), render_volume(pos, 1.0, widths, 32)) >= 0.999
+
+
+def test_spectral_fit_loss_matches_autograd_formula():
+    gen = torch.Generator().manual_seed(6)
+    box = 20
+    for oversample in (1, 2):
+        pos = ((torch.rand(40, 3, generator=gen) - 0.5) * 10).double().requires_grad_()
+        amp = (torch.rand(40, generator=gen) + 0.5).double().requires_grad_()
+        width = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+        target = torch.randn(box, box, box // 2 + 1, dtype=torch.complex128, generator=gen) * 1e-3
+        weights = torch.rand(box, box, box // 2 + 1, dtype=torch.float64, generator=gen)
+        ref = (weights * (gaussian_spectrum(pos, amp, width, box, oversample) - target).abs() ** 2).sum()
+        fast = spectral_fit_loss(pos, amp, width, box, target, weights, oversample)
+        assert torch.allclose(fast, ref, rtol=1e-12)
+        for a, b in zip(torch.autograd.grad(ref, [pos, amp, width]), torch.autograd.grad(fast, [pos, amp, width])):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_fit_grid_is_cropped_for_wide_gaussians():
+    assert fit_grid_size(256, 4.0) == 128
+    assert fit_grid_size(256, 3.0) % 2 == 0 and 171 <= fit_grid_size(256, 3.0) <= 192
+    assert fit_grid_size(64, 1.2) == 64
+    assert fit_grid_size(100, 40.0) == 16
+
+
+def _phantom_map(box: int, n: int, width: float, seed: int) -> torch.Tensor:
+    """Gaussians filling a ball and a rod (radius box/5 and box/12), plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    ball = torch.randn(n, 3, generator=gen)
+    ball = ball / ball.norm(dim=1, keepdim=True) * (box / 5) * torch.rand(n, 1, generator=gen) ** (1 / 3)
+    rod = torch.randn(n // 3, 3, generator=gen) * (box / 24)
+    rod[:, 0] = (torch.rand(n // 3, generator=gen) - 0.5) * box * 0.6
+    pos = torch.cat([ball - torch.tensor([box / 10, 0.0, 0.0]), rod + torch.tensor([0.0, box / 6, 0.0])])
+    clean = render_splat(pos, 1.0, torch.tensor(width), box)
+    return clean + 0.05 * float(clean.std()) * torch.randn(clean.shape, generator=gen)
+
+
+def test_initialize_box_128_with_5000_gaussians():
+    vol = _phantom_map(128, 20000, 1.5, seed=7)
+    model = initialize_from_map(vol, 5000, generator=torch.Generator().manual_seed(0), n_steps=60)
+    assert model.n_gaussians == 5000
+    assert model.fit_correlation is not None and model.fit_correlation >= 0.95
+    with torch.no_grad():  # the reported correlation is the real one (checked with the fast renderer)
+        rendered = render_splat(model.positions, model.amplitudes, model.widths, 128)
+    assert abs(map_correlation(rendered, vol) - model.fit_correlation) < 2e-3
 
 
 # --- atomic model --------------------------------------------------------------------------------------

@@ -85,3 +85,53 @@ def test_mask_lookup_trilinear_and_outside():
     ramp = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, n, n) / (n - 1)  # grows with z
     val = mask_to_gaussian_weights(ramp, torch.tensor([[0.0, 0.0, 1.0]]))
     assert math.isclose(float(val), (n // 2 + 1) / (n - 1), rel_tol=1e-5)
+
+
+# --- cell-list search against brute force -----------------------------------------------------------------
+
+def _brute_force_graph(pts: torch.Tensor, factor: float = 1.5) -> tuple[torch.Tensor, float]:
+    """The previous all-pairs implementation (float64 distances): edges (i < j, row-major) and c_mean."""
+    d = torch.cdist(pts.double(), pts.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    d.fill_diagonal_(float("inf"))
+    c_mean = float(torch.topk(d, 2, dim=1, largest=False).values.mean())
+    i, j = torch.nonzero(d < factor * c_mean, as_tuple=True)
+    keep = i < j
+    return torch.stack([i[keep], j[keep]], dim=1), c_mean
+
+
+def _clustered_points(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(1500, 3, generator=gen) * 4.0 + 20.0
+    sparse = torch.rand(300, 3, generator=gen) * 200.0 - 100.0  # isolated points: several cell doublings
+    dup = dense[:20].clone()  # exact duplicates: zero distances
+    return torch.cat([dense, sparse, dup])
+
+
+def test_cell_list_graph_equals_brute_force_on_random_points():
+    gen = torch.Generator().manual_seed(5)
+    for pts in (torch.rand(1500, 3, generator=gen) * 34 - 17, _clustered_points(6)):
+        edges, rest = neighbour_graph(pts)
+        expected, c_mean = _brute_force_graph(pts)
+        assert torch.equal(edges, expected)
+        assert math.isclose(mean_neighbour_distance(pts), c_mean, rel_tol=1e-6)
+        assert torch.allclose(rest, (pts[edges[:, 0]] - pts[edges[:, 1]]).norm(dim=1))
+
+
+def test_cell_list_nearest_neighbours_equal_brute_force():
+    pts = _clustered_points(7)
+    d = torch.cdist(pts.double(), pts.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    d.fill_diagonal_(float("inf"))
+    expected = torch.topk(d, 3, dim=1, largest=False).values
+    got = regularizers.nearest_neighbour_distances(pts, 3)
+    assert got.dtype == pts.dtype and got.shape == (len(pts), 3)
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
+    assert float(got[-20:, 0].abs().max()) == 0.0  # duplicates are each other's nearest neighbour
+
+
+def test_graph_of_degenerate_inputs():
+    same = torch.zeros(5, 3)  # all points coincide: c_mean 0, no edge (distance 0 is not < 0)
+    edges, rest = neighbour_graph(same)
+    assert edges.shape == (0, 2) and rest.shape == (0,)
+    line = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+    edges, _ = neighbour_graph(line)  # c_mean = (1.5 + 1 + 1.5 + 8.5) / 4 = 3.125 → radius 4.69
+    assert edges.tolist() == [[0, 1], [0, 2], [1, 2]]

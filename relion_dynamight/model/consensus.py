@@ -3,8 +3,10 @@
 The density is ``f(r) = Σ_i a_i G_s(r − c_i)`` with centres ``c_i`` ``(x, y, z)`` in pixels from the box
 centre.  As in the paper all Gaussians share one learnable amplitude and one learnable width (σ, pixels);
 an atomic model adds fixed per-Gaussian relative amplitudes (combined atomic numbers), so a per-Gaussian
-density can never appear or vanish to imitate motion.  Rendering uses
-``relion_dynamight.imaging.gaussians.render_volume`` (exact, ``O(M·N³)`` per map).
+density can never appear or vanish to imitate motion.  :meth:`GaussianModel.render` uses
+``relion_dynamight.imaging.gaussians.render_volume`` (exact, ``O(M·N³)`` per map); the map fit
+(:func:`fit_to_map`) uses :mod:`relion_dynamight.model.render` (trilinear splat + analytic Gaussian
+transform, one FFT per step) on a Fourier-cropped copy of the map, so it scales to large boxes.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from relion_dynamight.errors import InputError
+from relion_dynamight.imaging.fourier import rfft3_centered
 from relion_dynamight.imaging.gaussians import render_volume
 from relion_dynamight.model.regularizers import mean_neighbour_distance
+from relion_dynamight.model.render import auto_oversample, gaussian_spectrum, spectral_fit_loss
 
 log = logging.getLogger(__name__)
 
 AUTO_THRESHOLD_HELP = (
-    "Automatic threshold: 5 robust standard deviations above the solvent level (voxels beyond 0.45 box "
-    "radius), or Otsu's threshold when that solvent is flat (masked maps); never so high that fewer voxels "
-    "than Gaussians are selected."
+    "Automatic threshold: 5 robust standard deviations above the solvent level (voxels 0.45 to 0.5 box "
+    "lengths from the centre), or Otsu's threshold when that solvent is flat (masked maps); never so high "
+    "that fewer voxels than Gaussians are selected."
 )
 
 
@@ -132,7 +136,8 @@ def _otsu(values: Tensor, bins: int = 256) -> float:
 def auto_threshold(volume: Tensor, n_gaussians: int, solvent_radius: float = 0.45, n_sd: float = 5.0) -> float:
     """Automatic density threshold for filling a map ``(N, N, N)`` with Gaussians (see ``AUTO_THRESHOLD_HELP``).
 
-    Solvent = voxels farther than ``solvent_radius × N`` from the centre.  Its level and noise are taken
+    Solvent = voxels between ``solvent_radius × N`` and ``N / 2`` from the centre (the corners are left
+    out: reconstructions are often flat there, which would fake a noise-free solvent).  Its level and noise are taken
     robustly (median, 1.4826 × MAD); the threshold is ``median + n_sd × sd``: the lowest level at which
     no solvent noise remains, which keeps weak (flexible) density.  A flat solvent (sd below 1e-3 of the
     map's SD: masked or noise-free maps) says nothing about noise, and Otsu's two-class threshold of the
@@ -143,7 +148,10 @@ def auto_threshold(volume: Tensor, n_gaussians: int, solvent_radius: float = 0.4
     n = vol.shape[-1]
     c = torch.arange(n, dtype=torch.float64, device=vol.device) - n // 2
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    solvent = vol[(x**2 + y**2 + z**2) > (solvent_radius * n) ** 2]
+    r2 = x**2 + y**2 + z**2
+    outside = r2 > (solvent_radius * n) ** 2
+    shell = outside & (r2 <= (n / 2) ** 2)  # corners beyond N/2 are often flat (masked reconstructions)
+    solvent = vol[shell] if int(shell.sum()) >= 100 else vol[outside]
     med = solvent.median()
     sd = 1.4826 * (solvent - med).abs().median()
     if solvent.numel() > 0 and float(sd) > 1e-3 * float(vol.std()):
@@ -170,6 +178,156 @@ def _sample_points(volume: Tensor, threshold: float, n: int, generator: torch.Ge
     return (zyx.flip(-1) - volume.shape[-1] // 2).float()
 
 
+#: σ (pixels of the fitting grid) aimed at when the map is Fourier-cropped for :func:`fit_to_map`.
+FIT_GRID_SIGMA = 2.0
+#: σ·oversample accepted while fitting (the final correlation uses the accurate default, 1.5): at 1.0 the
+#: splat renderer's correlation with the exact map is 0.998, and fits reach the same correlation (within
+#: 1e-4 on a box-128 test with σ 1.4 px) at 1/8 of the cost of an oversampled grid.
+FIT_MIN_SPLAT_SIGMA = 1.0
+#: Distinct Gaussian widths above which :func:`fit_to_map` renders exactly instead of by splatting.
+MAX_SPLAT_WIDTH_CLASSES = 8
+
+
+def _fft_friendly_even(n: int) -> int:
+    """Smallest even ``m ≥ n`` whose prime factors are 2, 3, 5, 7."""
+    m = max(2, n + (n % 2))
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 2
+
+
+def fit_grid_size(box: int, width: float, grid_sigma: float = FIT_GRID_SIGMA) -> int:
+    """Box of the Fourier-cropped grid on which Gaussians of σ ``width`` px are fitted (``≤ box``).
+
+    The Gaussian's transform at the cropped Nyquist frequency is ``exp(-π² σ'²/2)`` with ``σ' = σ·n/box``:
+    ``3·10⁻⁹`` for ``σ' = 2``, so cropping the map beyond it changes the fit by nothing measurable.
+    """
+    n = _fft_friendly_even(math.ceil(box * grid_sigma / max(width, 1e-3)))
+    return box if n >= box else max(n, min(box, 16))
+
+
+def _crop_indices(box: int, n: int, device: torch.device) -> Tensor:
+    """Rows of a ``box`` fftfreq axis holding the frequencies of an ``n`` fftfreq axis."""
+    return ((torch.fft.fftfreq(n, device=device) * n).round().long()) % box
+
+
+def _half_weights(n: int, device: torch.device) -> Tensor:
+    """Weights ``(n, n, n//2+1)`` turning sums over the rfft half into sums over the full spectrum; the
+    Nyquist planes of each axis get 0 (their content is unused and ambiguous after cropping)."""
+    w = torch.full((n, n, n // 2 + 1), 2.0, device=device)
+    w[..., 0] = 1.0
+    if n % 2 == 0:
+        w[..., n // 2] = 0.0
+        w[n // 2] = 0.0
+        w[:, n // 2] = 0.0
+    return w
+
+
+class _CroppedTarget:
+    """A map's spectrum cropped to an ``n`` grid, with the half-spectrum weights (see :func:`fit_to_map`)."""
+
+    def __init__(self, full_spectrum: Tensor, box: int, n: int) -> None:
+        rows = _crop_indices(box, n, full_spectrum.device)
+        self.n, self.factor = n, n / box
+        self.spectrum = full_spectrum[rows][:, rows][..., : n // 2 + 1]
+        self.weights = _half_weights(n, full_spectrum.device)
+
+    def model_spectrum(self, model: GaussianModel, oversample: int) -> Tensor:
+        f = self.factor
+        return gaussian_spectrum(model.positions * f, model.amplitudes, model.widths * f, self.n, oversample)
+
+    def loss(self, model: GaussianModel, oversample: int) -> Tensor:
+        """``Σ_k w |model − target|²``: the real-space mean squared difference (up to out-of-band terms)."""
+        f = self.factor
+        if model.widths.dim() == 0:
+            return spectral_fit_loss(model.positions * f, model.amplitudes, model.widths * f, self.n,
+                                     self.spectrum, self.weights, oversample)
+        diff = self.model_spectrum(model, oversample) - self.spectrum
+        return self.dot(diff, diff)
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """``Σ_k w Re(a conj(b))`` = real-space ``mean(A·B)`` (DC included)."""
+        return (self.weights * (a * b.conj()).real).sum()
+
+
+def _fit_exact(model: GaussianModel, vol: Tensor, scale: float, n_steps: int, opt_groups: list) -> None:
+    """Real-space fit with the exact renderer (many distinct widths)."""
+    box = vol.shape[-1]
+    with torch.no_grad():
+        rendered = model.render(box)
+        gain = float((rendered * vol).sum() / (rendered * rendered).sum().clamp_min(1e-30))
+        if gain > 0:
+            model.log_amplitude += math.log(gain)
+    opt = torch.optim.Adam(opt_groups)
+    for _ in range(n_steps):
+        opt.zero_grad()
+        loss = (((model.render(box) - vol) / scale) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+
+def _fit_splat(model: GaussianModel, vol: Tensor, scale: float, n_steps: int, opt_groups: list) -> None:
+    """Fourier-space fit on a cropped grid with the splatting renderer (see :func:`fit_to_map`)."""
+    box = vol.shape[-1]
+    full = rfft3_centered(vol)
+    grid: tuple[int, int] | None = None
+    target: _CroppedTarget | None = None
+    opt = torch.optim.Adam(opt_groups)
+    for step in range(n_steps + 1):
+        if step % 25 == 0:  # re-choose the grid as the width changes
+            width = float(model.widths.detach().min())
+            n = fit_grid_size(box, width)
+            choice = (n, auto_oversample(width * n / box, FIT_MIN_SPLAT_SIGMA))
+            if choice != grid:
+                grid, target = choice, _CroppedTarget(full, box, n)
+                log.debug("Gaussian fit: grid %d (oversample %d) for sigma %.2f px", n, choice[1], width)
+        assert target is not None and grid is not None
+        if step == 0:
+            with torch.no_grad():
+                m = target.model_spectrum(model, grid[1])
+                gain = float(target.dot(m, target.spectrum) / target.dot(m, m).clamp_min(1e-30))
+                if gain > 0:
+                    model.log_amplitude += math.log(gain)
+        if step == n_steps:
+            break
+        opt.zero_grad()
+        loss = target.loss(model, grid[1]) / scale**2
+        loss.backward()
+        opt.step()
+
+
+def _fit_correlation(model: GaussianModel, vol: Tensor) -> float:
+    """Correlation of the model with the map over the whole box, computed from Fourier coefficients
+    (mean excluded) on the model's cropped grid: the model has no content beyond it."""
+    box = vol.shape[-1]
+    width = float(model.widths.detach().min())
+    n = fit_grid_size(box, width)
+    full = rfft3_centered(vol.double())
+    target = _CroppedTarget(full, box, n)
+    m = gaussian_spectrum(model.positions.double() * target.factor, model.amplitudes.double(),
+                          model.widths.double() * target.factor, n, auto_oversample(width * n / box))
+    m = m.clone()
+    m[0, 0, 0] = 0.0  # Pearson: mean excluded
+    t_energy = ((full.abs() ** 2) * _rfft_multiplicity(box, vol.device)).sum() - full[0, 0, 0].abs() ** 2
+    num = target.dot(m, target.spectrum)
+    den = torch.sqrt(target.dot(m, m) * t_energy).clamp_min(1e-30)
+    return float(num / den)
+
+
+def _rfft_multiplicity(n: int, device: torch.device) -> Tensor:
+    """Multiplicity ``(n, n, n//2+1)`` of each rfft coefficient in the full spectrum (Parseval weights)."""
+    w = torch.full((n, n, n // 2 + 1), 2.0, device=device, dtype=torch.float64)
+    w[..., 0] = 1.0
+    if n % 2 == 0:
+        w[..., n // 2] = 1.0
+    return w
+
+
 def fit_to_map(
     model: GaussianModel,
     volume: Tensor,
@@ -182,27 +340,29 @@ def fit_to_map(
 
     The amplitude is first set by least squares, then positions (if ``fit_positions``), log-amplitude and
     log-width are optimised for ``n_steps``.  Stores the final correlation in ``model.fit_correlation``.
+
+    Scaling: the squared difference is evaluated in Fourier space (Parseval) on the map's spectrum
+    cropped to :func:`fit_grid_size` (σ ≈ 2 grid pixels; re-chosen every 25 steps), with the model from
+    :func:`relion_dynamight.model.render.gaussian_spectrum` (trilinear splat + analytic Gaussian transform:
+    ``O(M + n³ log n)`` per step).  Beyond the crop the model has no content, so this is the real-space
+    loss up to a constant.  Models with more than ``MAX_SPLAT_WIDTH_CLASSES`` distinct widths fall back to
+    the exact renderer (``O(M·N³)``).
     """
     vol = volume.detach().to(model.positions.device, torch.float32)
-    box = vol.shape[-1]
     scale = float(vol.std().clamp_min(1e-30))
-    target = vol / scale
-    with torch.no_grad():
-        rendered = model.render(box)
-        gain = float((rendered * target).sum() / (rendered * rendered).sum().clamp_min(1e-30))
-        if gain > 0:
-            model.log_amplitude += math.log(gain * scale)
     groups = [{"params": [model.log_amplitude, model.log_width], "lr": lr_scalars}]
     if fit_positions:
         groups.append({"params": [model.positions], "lr": lr_positions})
-    opt = torch.optim.Adam(groups)
-    for _ in range(n_steps):
-        opt.zero_grad()
-        loss = ((model.render(box) / scale - target) ** 2).mean()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        model.fit_correlation = map_correlation(model.render(box), vol)
+    widths = model.widths.detach()
+    many_widths = widths.dim() > 0 and torch.unique(widths).numel() > MAX_SPLAT_WIDTH_CLASSES
+    if many_widths:
+        _fit_exact(model, vol, scale, n_steps, groups)
+        with torch.no_grad():
+            model.fit_correlation = map_correlation(model.render(vol.shape[-1]), vol)
+    else:
+        _fit_splat(model, vol, scale, n_steps, groups)
+        with torch.no_grad():
+            model.fit_correlation = _fit_correlation(model, vol)
     return model.fit_correlation
 
 
