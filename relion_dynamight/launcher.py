@@ -7,11 +7,13 @@ command-line interface, so that a broken installation (torch, CUDA, our own code
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import traceback
 from typing import Sequence
 
-from relion_dynamight.relion.jobdir import EXIT_FILES, EXIT_FAILURE, job_dir_from_argv
+from relion_dynamight.relion.jobdir import EXIT_ABORTED, EXIT_FILES, EXIT_FAILURE, job_dir_from_argv
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
@@ -29,22 +31,62 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _write_failure(argv: Sequence[str]) -> None:
+def _write_failure(argv: Sequence[str], exit_file: str = EXIT_FAILURE) -> None:
     job_dir = job_dir_from_argv(argv)
     if job_dir is None:
         return
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         for name in EXIT_FILES:
-            if name != EXIT_FAILURE and (job_dir / name).exists():
+            if name != exit_file and (job_dir / name).exists():
                 (job_dir / name).unlink()
-        (job_dir / EXIT_FAILURE).touch()
+        (job_dir / exit_file).touch()
     except OSError as exc:
-        print(f"ERROR: could not write {EXIT_FAILURE} in {job_dir}: {exc}", file=sys.stderr)
+        print(f"ERROR: could not write {exit_file} in {job_dir}: {exc}", file=sys.stderr)
+
+
+def _abort_during_startup(argv: Sequence[str]) -> None:
+    """SIGTERM before the job has started (imports take seconds): write ABORTED and leave at once.
+
+    :meth:`relion_dynamight.relion.jobdir.Job.start` replaces this handler with the job's own.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        print("relion_dynamight: received SIGTERM while starting; aborted", file=sys.stderr, flush=True)
+        _write_failure(argv, EXIT_ABORTED)
+        os._exit(3)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread (embedded use)
+        pass
+
+
+_WATCHDOG: list[object] = []
+
+#: Rank variables of MPI launchers (MPICH/Intel, Open MPI, PMIx, Slurm).
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _start_watchdog(argv: Sequence[str]) -> None:
+    """On rank 0 of a job with a directory: a companion process that writes FAILURE if we are SIGKILLed
+    (see :mod:`relion_dynamight.relion.watchdog`).  ``RELION_DYNAMIGHT_NO_WATCHDOG=1`` disables it."""
+    job_dir = job_dir_from_argv(argv)
+    rank = next((os.environ[v] for v in _RANK_VARS if v in os.environ), "0")
+    if job_dir is None or rank.strip() != "0" or os.environ.get("RELION_DYNAMIGHT_NO_WATCHDOG") == "1":
+        return
+    from relion_dynamight.relion.watchdog import start_watchdog
+
+    proc = start_watchdog(job_dir)
+    if proc is not None:
+        _WATCHDOG.append(proc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = normalize_argv(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # a real process, not an in-process call
+        _abort_during_startup(args)
+        _start_watchdog(args)
     try:
         import click
 
@@ -63,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_failure(args)
         return 1
     except click.ClickException as exc:
-        exc.show()
+        hint = " (see relion_dynamight --help)" if isinstance(exc, click.UsageError) else ""
+        print(f"ERROR: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr, flush=True)
         _write_failure(args)
         return exc.exit_code
     except SystemExit as exc:

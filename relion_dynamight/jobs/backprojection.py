@@ -117,6 +117,10 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
     device = choose_device(gpu_id, comm.local_rank)
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be at least 1")
+    if not group_resolution >= 0:
+        raise InputError(f"--group-resolution {group_resolution} must be >= 0 px (0 = one group per particle)")
+    if not field_spacing > 0:
+        raise InputError(f"--field-spacing {field_spacing} must be > 0 px")
     inputs = inv.load_forward(out, checkpoint_file, "deformable-backprojection")
     infos = {h: _inverse_for(out, h, inputs, device) for h in (1, 2)}
     data = _particles(inputs, preload_images)

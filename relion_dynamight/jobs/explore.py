@@ -157,10 +157,20 @@ def read_latent_star(path: Path) -> LatentTable:
     if frame is None:
         raise InputError(f"{path}: no dmLatent1.. columns; it was not written by optimize-deformations")
     dims = sorted(int(c[8:]) for c in frame.columns if c.startswith("dmLatent") and c[8:].isdigit())
+    if dims != list(range(1, len(dims) + 1)):
+        raise InputError(f"{path}: latent columns are dmLatent{dims}, not dmLatent1..dmLatentL; it was not written "
+                         "by optimize-deformations (rerun it)")
     for col in ("rlnImageName", "rlnRandomSubset"):
         if col not in frame:
             raise InputError(f"{path}: column _{col} is missing; rerun optimize-deformations")
-    z = torch.as_tensor(frame[[f"dmLatent{d}" for d in dims]].to_numpy(dtype=np.float32))
+    try:
+        z = torch.as_tensor(frame[[f"dmLatent{d}" for d in dims]].to_numpy(dtype=np.float32))
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: a dmLatent column holds a non-number; rerun optimize-deformations") from None
+    bad = (~torch.isfinite(z).all(dim=1)).nonzero().flatten()
+    if bad.numel():
+        raise InputError(f"{path}: particle row {int(bad[0]) + 1} has a NaN or Inf latent value; rerun "
+                         "optimize-deformations")
     validation = (frame["dmValidation"].to_numpy(dtype=np.int64) != 0 if "dmValidation" in frame
                   else np.zeros(len(frame), dtype=bool))
     return LatentTable(names=[str(v) for v in frame["rlnImageName"]], half=frame["rlnRandomSubset"].to_numpy(np.int64),
@@ -189,6 +199,9 @@ def load_inputs(job_dir: Path, half_set: int, checkpoint_file: Path | None, gpu_
                          f"to completion (or continue it with --checkpoint-file) before explore-latent-space")
     latent = read_latent_star(latent_path)
     config = state["config"]
+    if latent.z.shape[1] != int(config["latent_dim"]):
+        raise InputError(f"{latent_path} has {latent.z.shape[1]} latent dimensions but the checkpoint "
+                         f"{state.get('path', '')} has {config['latent_dim']}; give the checkpoint of this job")
     star = refinement_star_file or _config_star(config)
     if star is None or not Path(star).is_file():
         if refinement_star_file is not None:

@@ -100,7 +100,14 @@ def read_latents(path: Path) -> tuple[list[str], np.ndarray, torch.Tensor]:
         if col not in frame:
             raise InputError(f"{path}: column _{col} is missing; rerun optimize-deformations")
     dims = sorted(int(c[8:]) for c in frame.columns if str(c).startswith("dmLatent") and str(c)[8:].isdigit())
-    z = torch.as_tensor(frame[[f"dmLatent{d}" for d in dims]].to_numpy(dtype=np.float32))
+    try:
+        values = frame[[f"dmLatent{d}" for d in dims]].to_numpy(dtype=np.float32)
+    except ValueError:
+        raise InputError(f"{path}: dmLatent columns hold non-numbers; rerun optimize-deformations") from None
+    if not np.isfinite(values).all():
+        row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0]) + 1
+        raise InputError(f"{path}: latent values of particle {row} are NaN or Inf; rerun optimize-deformations")
+    z = torch.as_tensor(values)
     return [str(v) for v in frame["rlnImageName"]], frame["rlnRandomSubset"].to_numpy(np.int64), z
 
 
@@ -197,13 +204,15 @@ def run(job: Any, output_directory: Path, n_epochs: int = 200, checkpoint_file: 
 
     if n_epochs < 1:
         raise InputError(f"--n-epochs {n_epochs} must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} must be at least 1 (or leave it out for the default)")
     out = Path(output_directory)
     comm = world()
     device = choose_device(gpu_id, comm.local_rank)
     inputs = load_forward(out, checkpoint_file, "optimize-inverse-deformations")
     if preload_images:
         log.info("--preload-images has no effect here: the inverse is fitted to the decoder, not to images")
-    cfg = InverseConfig(n_epochs=int(n_epochs), seed=int(seed), **({"batch_size": int(batch_size)} if batch_size else {}))
+    cfg = InverseConfig(n_epochs=int(n_epochs), seed=int(seed), **({"batch_size": int(batch_size)} if batch_size is not None else {}))
     for half in (1, 2):
         if (half - 1) % comm.size == comm.rank:
             _train_half(job, out, inputs, half, cfg, device, save_deformations)

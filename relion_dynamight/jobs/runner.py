@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import traceback
@@ -43,6 +44,10 @@ def run_task(name: str, job_dir: Path | None, task: Task) -> int:
             job.aborted()
         comm.abort_all_if_parallel(3)
         return 3
+    except OSError as exc:  # disk full, read-only or blocked output: one line; details in the log (stdout)
+        traceback.print_exc(file=sys.stdout)
+        print(f"ERROR: {os_error_message(exc)}", file=sys.stderr, flush=True)
+        return _fail(job, comm)
     except Exception as exc:  # noqa: BLE001 - any crash must become FAILURE, never a hang
         traceback.print_exc(file=sys.stderr)
         print(f"ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -50,6 +55,26 @@ def run_task(name: str, job_dir: Path | None, task: Task) -> int:
     job.succeed(nodes)
     log.info("relion_dynamight %s finished successfully", name)
     return 0
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free disk space or choose another output directory",
+    errno.EDQUOT: "free space within your quota or choose another output directory",
+    errno.EFBIG: "the file system or a file-size limit refused the file; free space or choose another directory",
+    errno.EROFS: "the file system is read-only; choose a writable output directory",
+    errno.EACCES: "check the permissions or choose another directory",
+    errno.EPERM: "check the permissions or choose another directory",
+    errno.EEXIST: "a file is in the way of a directory; move it or choose another output directory",
+    errno.ENOTDIR: "a file is in the way of a directory; move it or choose another output directory",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error: the file, the reason and what to do."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = _OS_HINTS.get(exc.errno or 0, "check the file and the file system")
+    return " ".join(f"{where}{reason} ({type(exc).__name__}); {hint}".split())
 
 
 def _fail(job: Job, comm: "object") -> int:

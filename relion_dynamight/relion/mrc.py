@@ -51,9 +51,11 @@ def write_map(path: str | Path, data: np.ndarray, pixel_size: float) -> Path:
             mrc.header.ispg = 0 if path.suffix == ".mrcs" or data.ndim == 2 else 1
             mrc.update_header_stats()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. disk full while flushing: name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 
@@ -71,8 +73,10 @@ def write_stack(path: str | Path, images: np.ndarray, pixel_size: float, float16
             mrc.voxel_size = float(pixel_size)
             mrc.update_header_stats()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. disk full while flushing: name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path

@@ -62,7 +62,7 @@ def read_star(path: str | Path) -> dict[str, pd.DataFrame]:
     try:
         with open(path, "rb") as fh:
             head = fh.read(4096)
-        blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
+        blocks = _parse_star(path)
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: STAR file is unreadable ({reason}); check the file") from None
@@ -70,7 +70,33 @@ def read_star(path: str | Path) -> dict[str, pd.DataFrame]:
         raise InputError(f"{path}: STAR file is empty; give a particle STAR file")
     if not blocks:
         raise InputError(f"{path}: no data_ blocks found, not a STAR file; give a particle STAR file")
-    return {name: _as_frame(block) for name, block in blocks.items()}
+    frames = {name: _as_frame(block) for name, block in blocks.items()}
+    for name, frame in frames.items():
+        dup = frame.columns[frame.columns.duplicated()]
+        if len(dup):
+            raise InputError(f"{path}: label _{dup[0]} appears twice (duplicate column) in data_{name}; "
+                             "remove one of them")
+    return frames
+
+
+def _parse_star(path: Path) -> dict:
+    """``starfile.read``; when that fails on a file with comment lines (e.g. a comment among the loop
+    labels, which RELION ignores), parse a copy without them (in the system's temporary directory)."""
+    try:
+        return starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
+    except (ValueError, pd.errors.ParserError):
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+        kept = [line for line in lines if not line.lstrip().startswith("#")]
+        if len(kept) == len(lines):
+            raise
+        fd, tmp = tempfile.mkstemp(suffix=".star")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.writelines(kept)
+            return starfile.read(tmp, always_dict=True, parse_as_string=STRING_COLUMNS)
+        finally:
+            os.unlink(tmp)
 
 
 def _numeric(series: pd.Series, path: Path, name: str) -> np.ndarray:
