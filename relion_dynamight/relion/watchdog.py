@@ -1,0 +1,91 @@
+"""A tiny companion process that writes ``RELION_JOB_EXIT_FAILURE`` when a job process dies silently.
+
+A process killed by SIGKILL (the kernel's OOM killer, a scheduler, ``mpiexec`` cleaning up after another
+rank died) cannot write an exit file itself, and RELION would show the job as "Running" forever.  The
+launcher therefore starts ``python -m relion_dynamight.relion.watchdog PID JOB_DIR`` (standard library
+only, in its own session so that a launcher's clean-up does not take it along).  It polls ``PID``; when
+that process is gone and no exit file was written since the watchdog started, it writes FAILURE.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from relion_dynamight.relion.jobdir import EXIT_FAILURE, EXIT_FILES
+
+POLL_SECONDS = 0.2
+
+
+def _start_ticks(pid: int) -> str | None:
+    """Start time of ``pid`` (field 22 of /proc/PID/stat), to tell a reused PID apart; None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int, ticks: str | None) -> bool:
+    if ticks is None:  # no /proc: fall back to a signal-0 probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return _start_ticks(pid) == ticks
+
+
+def has_fresh_exit_file(job_dir: Path, since: float) -> bool:
+    for name in EXIT_FILES:
+        try:
+            if (job_dir / name).stat().st_mtime >= since:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def watch(pid: int, job_dir: Path, poll: float = POLL_SECONDS) -> bool:
+    """Wait for ``pid`` to end; write FAILURE if it left no exit file. Returns True when FAILURE was written."""
+    since = time.time()
+    ticks = _start_ticks(pid)
+    while alive(pid, ticks):
+        time.sleep(poll)
+    time.sleep(poll)  # let a last exit file reach the disk
+    if has_fresh_exit_file(job_dir, since) or not job_dir.is_dir():
+        return False
+    for name in EXIT_FILES:
+        try:
+            (job_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    (job_dir / EXIT_FAILURE).touch()
+    return True
+
+
+def start_watchdog(job_dir: Path, pid: int | None = None) -> subprocess.Popen | None:
+    """Start the watchdog of process ``pid`` (default: this one) for ``job_dir``; None if it cannot start."""
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relion_dynamight.relion.watchdog", str(pid or os.getpid()), str(job_dir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True)
+    except OSError:
+        return None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m relion_dynamight.relion.watchdog PID JOB_DIR", file=sys.stderr)
+        return 2
+    watch(int(argv[0]), Path(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
