@@ -1,0 +1,113 @@
+"""Training configuration: defaults, automatic batch size, and what a resumed run may change.
+
+The configuration is a plain JSON-able dict stored in every checkpoint, so a resumed run uses exactly
+the settings of the run it continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from relion_dynamight.training.schedule import Schedule
+
+log = logging.getLogger("relion_dynamight")
+
+#: Keys a new command line may change when continuing a checkpoint (others come from the checkpoint).
+RESUMABLE_CHANGES = ("n_epochs",)
+
+
+def default_config(**overrides: Any) -> dict[str, Any]:
+    """Training settings (paper/original defaults, adapted where noted)."""
+    config: dict[str, Any] = {
+        "box": None,
+        "pixel_size": None,
+        "n_gaussians": 10000,
+        "latent_dim": 6,
+        "regularization_factor": 1.0,
+        # β of the KL term, relative to the data term (a mean over Fourier coefficients, ~1 for pure noise).
+        "beta": None,
+        "batch_size": None,
+        "seed": 0,
+        "validation_fraction": 0.1,
+        "lr_gaussians": 1e-3,
+        "lr_networks": 1e-3,
+        "encoder_hidden": [256, 128],
+        "encoder_downsample": 2,
+        # initial log σ² of the posterior: small noise so z carries the encoder's signal from the start
+        "encoder_logvar_init": -4.0,
+        "decoder_freqs": 10,
+        "decoder_hidden": 32,
+        "decoder_layers": 8,
+        "repulsion_fraction": 0.5,
+        # KL and geometric terms: off for this many network epochs, then ramped in over as many (KL annealing)
+        "ramp_epochs": 5,
+        "consensus_particles": 100,
+        "keep_checkpoints": 3,
+        "schedule": Schedule().as_dict(),
+    }
+    schedule = overrides.pop("schedule", None)
+    config.update(overrides)
+    if schedule:
+        config["schedule"] = {**config["schedule"], **schedule}
+    if config["beta"] is None and config["box"]:
+        config["beta"] = 1.0 / float(config["box"]) ** 2
+    return config
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def estimate_bytes_per_particle(box: int, n_gaussians: int, decoder_hidden: int, decoder_layers: int,
+                                oversample: int = 2) -> int:
+    """Rough peak memory per particle of one training step (forward + backward), bytes.
+
+    Splat grid and its FFT (``(oversample·N)²`` complex, several autograd copies), image-sized spectra
+    (observed, CTF, predicted, residual), and the decoder's activations (``M × hidden × layers``).
+    """
+    fine = (oversample * box) ** 2 * 8 * 6
+    images = box * box * 4 * 24
+    decoder = n_gaussians * decoder_hidden * decoder_layers * 4 * 4 + n_gaussians * 3 * 4 * 20
+    return fine + images + decoder
+
+
+def auto_batch_size(config: dict[str, Any], device: torch.device, smallest_half: int) -> int:
+    """Largest batch that fits a fraction of the free memory (GPU: 40 %; CPU: 25 %, at most 4 GiB),
+    clamped to [4, 256] (CPU: at most 64, more steps per epoch learn faster there) and to the smallest
+    half's training set."""
+    per = estimate_bytes_per_particle(int(config["box"]), int(config["n_gaussians"]),
+                                      int(config["decoder_hidden"]), int(config["decoder_layers"]))
+    avail = _available_bytes(device)
+    budget = 0.4 * avail if device.type == "cuda" else min(0.25 * avail, 4 << 30)
+    cap = 256 if device.type == "cuda" else 64
+    size = int(max(4, min(cap, budget // per)))
+    return max(1, min(size, smallest_half))
+
+
+def merge_resumed(stored: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
+    """Configuration for continuing a checkpoint: the stored one, with ``n_epochs`` from the new command.
+
+    Other differences are logged and ignored (they would change the models being continued).
+    """
+    merged = {**stored, "schedule": dict(stored["schedule"])}
+    new_epochs = int(requested["schedule"]["n_epochs"])
+    if new_epochs != int(stored["schedule"]["n_epochs"]):
+        log.info("Continuing with --n-epochs %d (the checkpoint was made for %d)", new_epochs,
+                 stored["schedule"]["n_epochs"])
+        merged["schedule"]["n_epochs"] = new_epochs
+    for key in ("n_gaussians", "latent_dim", "regularization_factor", "seed", "validation_fraction"):
+        if requested.get(key) is not None and requested[key] != stored.get(key):
+            log.warning("WARNING: --%s %s differs from the checkpoint's %s; continuing with the checkpoint's "
+                        "value (use a new output directory to start afresh)", key.replace("_", "-"),
+                        requested[key], stored.get(key))
+    return merged
