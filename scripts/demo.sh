@@ -12,6 +12,7 @@ rd() { python3 -m relion_dynamight.launcher "$@"; }
 rd simulate --o "$out" --n-particles 3000 --box 48 --pixel-size 4.0 --snr 0.5 --motion hinge --seed 1
 cd "$out"
 job=DynaMight/job002/
+mkdir -p "$job"
 rd optimize-deformations  --refinement-star-file Refine3D/job001/run_data.star --output-directory $job \
    --initial-model Refine3D/job001/run_class001.mrc --n-gaussians 800 --regularization-factor 1 --n-threads 2 \
    --gpu-id "" --n-epochs 25 --pipeline-control $job >> ${job}run.out 2>> ${job}run.err
