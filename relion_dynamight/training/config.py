@@ -28,7 +28,9 @@ def default_config(**overrides: Any) -> dict[str, Any]:
         "n_gaussians": 10000,
         "latent_dim": 6,
         "regularization_factor": 1.0,
-        # β of the KL term, relative to the data term (a mean over Fourier coefficients, ~1 for pure noise).
+        # β of the KL term, relative to the data term (a mean over Fourier coefficients, ~1 for pure noise);
+        # None: 0.01 / box² as the original.  (1 / box² let the KL collapse the posterior on the hinge
+        # simulation: posterior σ 0.8 of the prior's, |Spearman| 0.84, moving domain 0.59 of 1.23 px.)
         "beta": None,
         "batch_size": None,
         "seed": 0,
@@ -54,7 +56,7 @@ def default_config(**overrides: Any) -> dict[str, Any]:
     if schedule:
         config["schedule"] = {**config["schedule"], **schedule}
     if config["beta"] is None and config["box"]:
-        config["beta"] = 1.0 / float(config["box"]) ** 2
+        config["beta"] = 0.01 / float(config["box"]) ** 2
     return config
 
 
