@@ -124,7 +124,17 @@ def _missing(name: str, stack: str, star_path: Path, project_dir: Path | None) -
 
 
 def available_memory_bytes() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or ``None`` where it cannot be read."""
+    """Memory this process may still allocate (bytes), or ``None`` where nothing can be read.
+
+    The least of: ``MemAvailable`` of ``/proc/meminfo``, the headroom under the address-space limit
+    (``ulimit -v``: ``RLIMIT_AS`` minus ``VmSize``) and the headroom of the memory cgroup (what Slurm and
+    containers enforce: ``memory.max`` minus ``memory.current``, or cgroup v1's ``limit_in_bytes``).
+    """
+    values = [v for v in (_meminfo_available(), _rlimit_headroom(), _cgroup_headroom()) if v is not None]
+    return min(values) if values else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
@@ -132,6 +142,48 @@ def available_memory_bytes() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+def _rlimit_headroom() -> int | None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return None
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            used = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        used = 0
+    return max(0, soft - used)
+
+
+def _cgroup_headroom() -> int | None:
+    """Headroom of this process's memory cgroup (v2 or v1); None when unlimited or unknown."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            base, limit_name, usage_name = Path("/sys/fs/cgroup") / parts[2].lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in parts[1].split(","):
+            base = Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/")
+            limit_name, usage_name = "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            limit_text = (base / limit_name).read_text().strip()
+            usage = int((base / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 2**60:
+            continue
+        return max(0, int(limit_text) - usage)
     return None
 
 
