@@ -82,8 +82,29 @@ def _start_watchdog(argv: Sequence[str]) -> None:
         _WATCHDOG.append(proc)
 
 
+def bound_heap_growth(threshold_bytes: int = 4 << 20) -> bool:
+    """Serve allocations above ``threshold_bytes`` with mmap (glibc ``mallopt(M_MMAP_THRESHOLD)``).
+
+    glibc raises its mmap threshold after large blocks are freed, so torch's repeated tens-of-MB
+    temporaries then come from the heap, which fragments and never shrinks: grouping 50k particles for the
+    deformed backprojection peaked at 4.5 GiB instead of 0.9 GiB.  A fixed threshold keeps peak memory
+    bounded.  Returns False where glibc is absent (macOS, musl).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(-3, int(threshold_bytes)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = normalize_argv(sys.argv[1:] if argv is None else argv)
+    bound_heap_growth()
     if argv is None:  # a real process, not an in-process call
         _abort_during_startup(args)
         _start_watchdog(args)

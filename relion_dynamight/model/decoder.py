@@ -126,6 +126,7 @@ class InverseDecoder(nn.Module):
         return self.net.latent_dim
 
     def forward(self, points: Tensor, z: Tensor) -> Tensor:
-        if points.dim() == 2:
-            points = points.unsqueeze(0).expand(z.shape[0], -1, -1)
-        return self.net.run(self.net.encode_points(points), z)
+        if points.dim() == 2:  # shared points: encode once, broadcast over the batch
+            points = points.unsqueeze(0)
+        out = self.net.run(self.net.encode_points(points), z)
+        return out.expand(z.shape[0], -1, -1) if out.shape[0] != z.shape[0] else out
