@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from relion_dynamight.errors import InputError
+from relion_dynamight.relion.jobdir import atomic_output
 from relion_dynamight.training.inverse import InverseConfig, InverseTrainer, decoder_forward_map, make_inverse_net
 
 log = logging.getLogger("relion_dynamight")
@@ -131,30 +130,21 @@ def save_inverse(path: Path, trainer: InverseTrainer, inputs: ForwardInputs) -> 
     """Write one half's inverse state atomically (HDF5)."""
     from relion_dynamight.training.checkpoint import save_tree
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["half"] = trainer.half
-            f.attrs["epoch"] = trainer.epoch
-            f.attrs["n_epochs"] = trainer.config.n_epochs
-            f.attrs["config"] = json.dumps(trainer.config.to_dict(), sort_keys=True)
-            f.attrs["box"] = trainer.box
-            f.attrs["latent_dim"] = int(trainer.latents.shape[1])
-            f.attrs["forward_checkpoint"] = str(inputs.checkpoint)
-            f.attrs["forward_epoch"] = int(inputs.state["epoch"])
-            f.attrs["fingerprint_count"] = int(inputs.state["fingerprint"][0])
-            f.attrs["fingerprint_sha256"] = str(inputs.state["fingerprint"][1])
-            f.create_dataset("centres", data=trainer.centres.cpu().numpy())
-            save_tree(f.create_group("state"), trainer.state_tree())
-            f.attrs["complete"] = True
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["half"] = trainer.half
+        f.attrs["epoch"] = trainer.epoch
+        f.attrs["n_epochs"] = trainer.config.n_epochs
+        f.attrs["config"] = json.dumps(trainer.config.to_dict(), sort_keys=True)
+        f.attrs["box"] = trainer.box
+        f.attrs["latent_dim"] = int(trainer.latents.shape[1])
+        f.attrs["forward_checkpoint"] = str(inputs.checkpoint)
+        f.attrs["forward_epoch"] = int(inputs.state["epoch"])
+        f.attrs["fingerprint_count"] = int(inputs.state["fingerprint"][0])
+        f.attrs["fingerprint_sha256"] = str(inputs.state["fingerprint"][1])
+        f.create_dataset("centres", data=trainer.centres.cpu().numpy())
+        save_tree(f.create_group("state"), trainer.state_tree())
+        f.attrs["complete"] = True
     return path
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"
@@ -60,21 +61,34 @@ def job_dir_from_argv(argv: Sequence[str]) -> Path | None:
     return None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; when the block succeeds the file is made readable
+    (0644), flushed to disk and renamed onto ``path``; on any exception it is removed.
+
+    Readers (RELION, a resumed run, another rank) therefore only ever see a complete file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
+        yield tmp
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_output_nodes(job_dir: Path, nodes: Iterable[tuple[str, str]], legacy: bool = False) -> Path:

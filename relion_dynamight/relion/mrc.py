@@ -5,14 +5,15 @@ Maps are ``numpy`` arrays indexed ``[z, y, x]`` with the real-space centre at in
 
 from __future__ import annotations
 
-import os
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mrcfile
 import numpy as np
 
 from relion_dynamight.errors import InputError
+from relion_dynamight.relion.jobdir import atomic_output
 
 
 def read_map(path: str | Path) -> tuple[np.ndarray, float]:
@@ -37,46 +38,37 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
     return data, pixel
 
 
+@contextmanager
+def _naming_os_errors(path: Path) -> Iterator[None]:
+    """Give operating-system errors without a file name (e.g. disk full while flushing) the output path."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
 def write_map(path: str | Path, data: np.ndarray, pixel_size: float) -> Path:
     """Write a float32 map (or image stack) atomically with RELION's header conventions."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _naming_os_errors(path), atomic_output(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
             mrc.voxel_size = float(pixel_size)
             mrc.header.origin = (0.0, 0.0, 0.0)
             mrc.header.ispg = 0 if path.suffix == ".mrcs" or data.ndim == 2 else 1
             mrc.update_header_stats()
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:  # e.g. disk full while flushing: name the file
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
     return path
 
 
 def write_stack(path: str | Path, images: np.ndarray, pixel_size: float, float16: bool = False) -> Path:
     """Write an image stack ``(n, N, N)`` as a ``.mrcs`` (mode 2, or mode 12 with ``float16``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _naming_os_errors(path), atomic_output(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(images, dtype=np.float16 if float16 else np.float32))
             mrc.set_image_stack()
             mrc.voxel_size = float(pixel_size)
             mrc.update_header_stats()
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:  # e.g. disk full while flushing: name the file
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
     return path

@@ -13,9 +13,7 @@ Standard library only.
 
 from __future__ import annotations
 
-import os
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,19 +82,9 @@ def job_star_text(type_label: str, options: dict[str, str], is_continue: bool = 
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from relion_dynamight.relion.jobdir import atomic_write_text
+
+    return atomic_write_text(path, text)
 
 
 def write_job_star(path: Path, type_label: str, options: dict[str, str], is_continue: bool = False) -> Path:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from relion_dynamight.errors import InputError
+from relion_dynamight.relion.jobdir import atomic_output
 
 log = logging.getLogger("relion_dynamight")
 
@@ -158,30 +157,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` atomically; keys: epoch, config (dict), fingerprint (count, sha), split_half,
     split_validation, initial (tree), halves ({1: tree, 2: tree}); optional: anything JSON-able in ``extra``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["epoch"] = int(state["epoch"])
-            f.attrs["config"] = json.dumps(state["config"], sort_keys=True)
-            f.attrs["fingerprint_count"] = int(state["fingerprint"][0])
-            f.attrs["fingerprint_sha256"] = str(state["fingerprint"][1])
-            f.attrs["extra"] = json.dumps(state.get("extra", {}), sort_keys=True)
-            f.create_dataset("split/half", data=np.asarray(state["split_half"], dtype=np.int8))
-            f.create_dataset("split/validation", data=np.asarray(state["split_validation"], dtype=bool))
-            save_tree(f.create_group("initial"), state["initial"])
-            for h, tree in sorted(state["halves"].items()):
-                save_tree(f.create_group(f"half{h}"), tree)
-            f.attrs["complete"] = True
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["epoch"] = int(state["epoch"])
+        f.attrs["config"] = json.dumps(state["config"], sort_keys=True)
+        f.attrs["fingerprint_count"] = int(state["fingerprint"][0])
+        f.attrs["fingerprint_sha256"] = str(state["fingerprint"][1])
+        f.attrs["extra"] = json.dumps(state.get("extra", {}), sort_keys=True)
+        f.create_dataset("split/half", data=np.asarray(state["split_half"], dtype=np.int8))
+        f.create_dataset("split/validation", data=np.asarray(state["split_validation"], dtype=bool))
+        save_tree(f.create_group("initial"), state["initial"])
+        for h, tree in sorted(state["halves"].items()):
+            save_tree(f.create_group(f"half{h}"), tree)
+        f.attrs["complete"] = True
     return path
 
 
