@@ -8,6 +8,16 @@ from typing import Mapping
 import numpy as np
 
 
+
+def _save(plt: object, fig: object, path: Path) -> Path:
+    """Lay out, write ``fig`` as PNG to ``path`` (creating its folder) and release it."""
+    fig.tight_layout()  # type: ignore[attr-defined]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[attr-defined]
+    return path
+
 def _pyplot():
     import matplotlib
 
@@ -44,12 +54,7 @@ def loss_curves(histories: Mapping[int, Mapping[str, np.ndarray]], path: Path) -
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def latent_scatter(latents: np.ndarray, halves: np.ndarray, validation: np.ndarray, path: Path) -> Path:
@@ -67,9 +72,4 @@ def latent_scatter(latents: np.ndarray, halves: np.ndarray, validation: np.ndarr
     ax.set_ylabel("PC 2")
     ax.set_title("Latent space (PCA)")
     ax.legend(fontsize=8, markerscale=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
