@@ -252,5 +252,9 @@ def test_atomic_model_without_polymer_is_an_input_error(tmp_path):
     st.write_pdb(str(path))
     with pytest.raises(InputError, match="no amino-acid or nucleotide"):
         from_atomic_model(path, box=BOX, pixel_size=1.0)
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match="missing.pdb: atomic model not found; check --atomic-model"):
         from_atomic_model(tmp_path / "missing.pdb", box=BOX, pixel_size=1.0)
+    garbage = tmp_path / "garbage.cif"
+    garbage.write_text("data_x\nloop_\n_atom_site.id\n")
+    with pytest.raises(InputError, match="garbage.cif: (cannot read|the atomic model holds no)"):
+        from_atomic_model(garbage, box=BOX, pixel_size=1.0)

@@ -135,17 +135,10 @@ def phantom_from_atoms(path: Path, box: int, pixel_size: float) -> Phantom:
     (in file order) form the moving domain; the hinge point is the mean of the atoms around the split
     and the axis is perpendicular to the line joining the two domains' centroids.
     """
-    import gemmi
+    from relion_dynamight.relion.atomic_model import read_structure
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: atomic model not found; check --pdb")
-    try:
-        structure = gemmi.read_structure(str(path))
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: cannot read the atomic model ({exc}); give a PDB or mmCIF file") from None
-    structure.remove_hydrogens()
-    structure.remove_waters()
+    structure = read_structure(path, "--pdb")
     coords, numbers = [], []
     if len(structure) > 0:
         for chain in structure[0]:

@@ -470,14 +470,9 @@ def coarse_grain(path: str | Path) -> tuple[list[tuple], list[float], list[tuple
     """
     import gemmi
 
-    try:
-        st = gemmi.read_structure(str(path))
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise InputError(f"cannot read atomic model {path}: {exc}") from exc
-    st.remove_hydrogens()
-    st.remove_alternative_conformations()
-    if len(st) == 0:
-        raise InputError(f"atomic model {path} has no model/atoms")
+    from relion_dynamight.relion.atomic_model import read_structure
+
+    st = read_structure(path, "--atomic-model")
     centres: list[tuple] = []
     weights: list[float] = []
     edges: list[tuple[int, int]] = []
