@@ -180,6 +180,12 @@ class FourierAccumulator:
         acc[:, 0] += acc[:, p]
         return acc[:p, :p]
 
+    def reset_(self) -> "FourierAccumulator":
+        """Zero the sums and the count in place (reuses the buffer: no new allocation)."""
+        self._acc.zero_()
+        self.count = 0
+        return self
+
     def add_(self, other: "FourierAccumulator") -> "FourierAccumulator":
         """Add another accumulator of the same geometry (in place)."""
         if (other.box, other.pad) != (self.box, self.pad):
@@ -202,8 +208,22 @@ class FourierAccumulator:
 
     # -- read-out -----------------------------------------------------------------------------
     def data_grid(self) -> Tensor:
-        """``data`` with the ``kx = 0`` plane made Hermitian (a copy), ``(P, P, P//2+1)`` complex."""
-        return _hermitian_x0(self.data, conj=True)
+        """``data`` with the ``kx = 0`` plane made Hermitian (a copy), ``(P, P, P//2+1)`` complex.
+
+        Same values as ``_hermitian_x0(self.data)`` (same additions in the same order) with a single full
+        copy of the grid instead of three.
+        """
+        p, h = self.size, self.size // 2 + 1
+        acc = self._acc
+        out = torch.view_as_complex(acc[:p, :p, :h, :2].contiguous())
+        out[0] += torch.view_as_complex(acc[p, :p, :h, :2].contiguous())           # fold the kz = P plane
+        column = torch.view_as_complex(acc[:p, p, :h, :2].contiguous())
+        column[0] += torch.view_as_complex(acc[p, p, :h, :2].contiguous())
+        out[:, 0] += column                                                          # fold the ky = P row
+        plane = out[:, :, 0].clone()
+        mirror = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
+        out[:, :, 0] = plane + mirror.conj()
+        return out
 
     def weight_grid(self) -> Tensor:
         """``weight`` with the ``kx = 0`` plane symmetrised (a copy), ``(P, P, P//2+1)`` real.
