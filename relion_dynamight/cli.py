@@ -166,6 +166,11 @@ def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any)
               help="Particles whose deformations agree within this RMS (pixels) share one warp; 0 = one per particle.")
 @click.option("--field-spacing", type=float, default=2.0, show_default=True,
               help="Grid spacing (pixels) on which the inverse deformation is evaluated before up-sampling.")
+@click.option("--interpolation", type=click.Choice(["cubic", "linear"]), default="cubic", show_default=True,
+              help="Warp interpolation: cubic B-spline (keeps amplitudes to Nyquist) or trilinear.")
+@click.option("--map-frame", type=click.Choice(["initial", "consensus"]), default="initial", show_default=True,
+              help="Conformation of the maps: 'initial' = the consensus refinement's (overlays Refine3D maps and "
+                   "models); 'consensus' = each half's learned consensus Gaussians.")
 @gpu_option
 @pipeline_control_option
 def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> None:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from relion_dynamight.errors import InputError
 from relion_dynamight.jobs import optimize_inverse as inv
+from relion_dynamight.jobs.backprojection_memory import plan_memory
 
 log = logging.getLogger("relion_dynamight")
 
@@ -38,7 +39,6 @@ HALFMAP_LABEL = "DensityMap.mrc.relion.halfmap.dynamight"
 DEFAULT_GROUP_RESOLUTION = 0.5
 #: Spacing (pixels) of the coarse grid on which the inverse network is evaluated (the paper uses 2).
 DEFAULT_FIELD_SPACING = 2.0
-MIN_INSERT_BATCH = 64
 N_PROBES = 256
 
 
@@ -61,7 +61,7 @@ def assign_groups(sizes: np.ndarray, n_ranks: int) -> list[list[int]]:
 def backproject_groups(data: Any, rows: np.ndarray, labels: np.ndarray,
                        field: Callable[[int], Tensor | None], box: int, device: torch.device,
                        batch_size: int = 64, comm: Any = None, check_abort: Callable[[], None] = lambda: None,
-                       ctf: bool = True) -> Any:
+                       ctf: bool = True, interpolation: str = "cubic") -> Any:
     """Deformed backprojection of particles ``rows`` of ``data`` (a ``ParticleData``) grouped by ``labels``.
 
     ``field(g)`` gives group ``g``'s dense position field ``(box, box, box, 3)`` (or None = identity).
@@ -76,7 +76,7 @@ def backproject_groups(data: Any, rows: np.ndarray, labels: np.ndarray,
     n_groups = int(labels.max()) + 1 if len(labels) else 0
     sizes = np.bincount(labels, minlength=n_groups)
     mine = assign_groups(sizes, size)[rank]
-    bp = DeformedBackprojector(box, device=device)
+    bp = DeformedBackprojector(box, device=device, interpolation=interpolation)
     for g in mine:
         members = rows[labels == g]
         for batch in data.iter_batches(members, batch_size):
@@ -106,11 +106,17 @@ def group_half(net: Any, centres: Tensor, latents: Tensor, tolerance: float) -> 
 # -- the task ---------------------------------------------------------------------------------------
 def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file: Path | None = None,
         preload_images: bool = False, gpu_id: str = "", group_resolution: float = DEFAULT_GROUP_RESOLUTION,
-        field_spacing: float = DEFAULT_FIELD_SPACING) -> list[tuple[str, str]]:
-    """Compute and write the improved half maps; returns their output nodes."""
+        field_spacing: float = DEFAULT_FIELD_SPACING, map_frame: str = "initial",
+        interpolation: str = "cubic") -> list[tuple[str, str]]:
+    """Compute and write the improved half maps; returns their output nodes.
+
+    ``map_frame``: ``"initial"`` writes the maps in the conformation of the consensus refinement
+    (:mod:`relion_dynamight.training.reference_frame`); ``"consensus"`` in each half's learned consensus.
+    """
     from relion_dynamight.parallel.device import choose_device
     from relion_dynamight.parallel.mpi import world
     from relion_dynamight.training.inverse import dense_forward_positions
+    from relion_dynamight.training.reference_frame import compose_positions
 
     out = Path(output_directory)
     comm = world()
@@ -121,13 +127,18 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
         raise InputError(f"--group-resolution {group_resolution} must be >= 0 px (0 = one group per particle)")
     if not field_spacing > 0:
         raise InputError(f"--field-spacing {field_spacing} must be > 0 px")
+    if map_frame not in ("initial", "consensus"):
+        raise InputError(f"--map-frame {map_frame!r}: give 'initial' (the consensus refinement's conformation) "
+                         "or 'consensus' (each half's learned consensus)")
     inputs = inv.load_forward(out, checkpoint_file, "deformable-backprojection")
     infos = {h: _inverse_for(out, h, inputs, device) for h in (1, 2)}
-    data = _particles(inputs, preload_images)
     box = inputs.box
-    insert_batch = max(int(batch_size), MIN_INSERT_BATCH)
-    log.info("Device %s, %d MPI rank(s); insertion batches of %d particles; group resolution %.2f px",
-             device, comm.size, insert_batch, group_resolution)
+    plan = plan_memory(box, int(batch_size), device)   # before the images are opened or grids allocated
+    data = _particles(inputs, preload_images)
+    insert_batch = plan.batch_size   # particles inserted at once: bounds the memory of one insertion step
+    log.info("Device %s, %d MPI rank(s); insertion batches of %d particles; group resolution %.2f px; "
+             "about %.1f GiB needed%s", device, comm.size, insert_batch, group_resolution, plan.total / 2**30,
+             f" of {plan.available / 2**30:.1f} GiB free" if plan.available is not None else "")
     results = {}
     for h in (1, 2):
         t0 = time.monotonic()
@@ -138,13 +149,17 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
         log.info("Half %d: %d particles in %d groups (largest spread %.2f px)", h, len(rows), len(reps),
                  float(spreads.max()) if len(spreads) else 0.0)
         residuals: list[float] = []
+        reference = (reference_frame(inputs, h, net, latents, device, field_spacing)
+                     if map_frame == "initial" else None)
 
-        def field(g: int, net: Any = net, latents: Tensor = latents, reps: Tensor = reps) -> Tensor:
+        def field(g: int, net: Any = net, latents: Tensor = latents, reps: Tensor = reps,
+                  reference: Tensor | None = reference) -> Tensor:
             pos, res = dense_forward_positions(net, latents[reps[g]], box, field_spacing)
             residuals.append(res)
-            return pos
+            return compose_positions(pos, reference)
 
-        results[h] = backproject_groups(data, rows, labels, field, box, device, insert_batch, comm, job.check_abort)
+        results[h] = backproject_groups(data, rows, labels, field, box, device, insert_batch, comm, job.check_abort,
+                                        interpolation=interpolation)
         if residuals and max(residuals) > 0.5:
             log.warning("WARNING: half %d: inverting the deformation left up to %.2f px of error (folding fields?)",
                         h, max(residuals))
@@ -153,6 +168,24 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
         return []
     pixel = float(inputs.config.get("pixel_size") or float(data.pixel_sizes[0]))
     return write_maps(out, results, box, pixel)
+
+
+def reference_frame(inputs: inv.ForwardInputs, half: int, net: Any, latents: Tensor, device: torch.device,
+                    spacing: float) -> Tensor:
+    """``h_ref`` of one half (:func:`relion_dynamight.training.reference_frame.reference_pull_field`): the
+    conformation of its particles closest to the initial model, logged with how far the consensus drifted."""
+    from relion_dynamight.training.reference_frame import (DEFAULT_REFERENCE_PARTICLES, closest_to_initial,
+                                                           reference_pull_field)
+
+    decoder, centres = inv.forward_decoder(inputs, half, device)
+    initial = inputs.state["initial"]["positions"].to(device=device, dtype=torch.float32)
+    k = int(inputs.config.get("consensus_particles") or DEFAULT_REFERENCE_PARTICLES)
+    chosen, dist = closest_to_initial(decoder, centres, initial, latents, k)
+    drift = float((centres - initial).pow(2).sum(-1).mean().sqrt())
+    log.info("Half %d: maps in the conformation of the %d particles closest to the consensus refinement's model "
+             "(RMS %.2f px from it; the learned consensus is %.2f px from it)", half, len(chosen),
+             float(dist.mean()), drift)
+    return reference_pull_field(net, latents[chosen], inputs.box, spacing)
 
 
 def _inverse_for(out: Path, half: int, inputs: inv.ForwardInputs, device: torch.device) -> dict[str, Any]:
