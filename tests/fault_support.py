@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -82,15 +83,35 @@ def run_pipeline(project: Path, job: str, steps: Iterable[str] = STEPS) -> dict[
 
 # -- the reference run, shared by test files within one pytest session ------------------------------
 _REFERENCE: dict[str, object] = {}
+REFERENCE_JOB = "DynaMight/job002"
+#: Independent job directories run this many at a time: each job is one single-threaded process that the
+#: test only waits for, so two at a time use both cores of a 2-core CI machine (``RELION_DYNAMIGHT_TEST_JOBS``).
+WORKERS = max(1, int(os.environ.get("RELION_DYNAMIGHT_TEST_JOBS", "2")))
 
 
-def reference_pipeline(tmp_path_factory) -> tuple[Path, str, dict[str, float]]:
-    """``(project, job, wall times)`` of one uninterrupted run of the three steps (cached per session)."""
+def run_pipelines(project: Path, jobs: Iterable[str]) -> dict[str, dict[str, float]]:
+    """:func:`run_pipeline` for each of ``jobs`` (separate job directories), ``WORKERS`` at a time."""
+    jobs = list(jobs)
+    with ThreadPoolExecutor(min(WORKERS, len(jobs))) as pool:
+        futures = {job: pool.submit(run_pipeline, project, job) for job in jobs}
+    return {job: fut.result() for job, fut in futures.items()}
+
+
+def reference_pipeline(tmp_path_factory, also: Iterable[str] = ()) -> tuple[Path, str, dict[str, float]]:
+    """``(project, job, wall times)`` of one uninterrupted run of the three steps (cached per session).
+
+    ``also``: further job directories to run uninterrupted in the same project (cached too); they run
+    alongside the reference when it is made in the same call.
+    """
     if "project" not in _REFERENCE:
-        project = make_project(tmp_path_factory.mktemp("faultproj"))
-        times = run_pipeline(project, "DynaMight/job002")
-        _REFERENCE.update(project=project, job="DynaMight/job002", times=times)
-    return _REFERENCE["project"], _REFERENCE["job"], _REFERENCE["times"]  # type: ignore[return-value]
+        _REFERENCE["project"] = make_project(tmp_path_factory.mktemp("faultproj"))
+        _REFERENCE["times"] = {}
+    project: Path = _REFERENCE["project"]  # type: ignore[assignment]
+    times: dict[str, dict[str, float]] = _REFERENCE["times"]  # type: ignore[assignment]
+    todo = [job for job in dict.fromkeys((REFERENCE_JOB, *also)) if job not in times]
+    if todo:
+        times.update(run_pipelines(project, todo))
+    return project, REFERENCE_JOB, times[REFERENCE_JOB]
 
 
 def copy_inputs_for(project: Path, reference_job: str, new_job: str, step: str) -> None:

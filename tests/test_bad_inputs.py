@@ -1,7 +1,8 @@
 """Issue 7: the catalogue of bad inputs through the real command line, and safe files.
 
 Each case of :mod:`bad_input_cases` runs ``relion_dynamight`` in a subprocess on a private copy of a
-tiny simulated project.  A bad input must end with exit code != 0, ONE ``ERROR:`` line (the last line of
+tiny simulated project (a child forked by :mod:`launcher_server`, which has imported torch once, so the
+~70 cases do not each pay ~3 s of imports; two cases at a time).  A bad input must end with exit code != 0, ONE ``ERROR:`` line (the last line of
 stderr, no traceback) that names the problem, ``RELION_JOB_EXIT_FAILURE`` in the job directory, every
 file that existed before byte-identical, no temporary file left behind and nothing written outside the
 job directory.  The valid variants (RELION 3.0/3.1/4/5 files, comments, quotes, CRLF, spaces) must succeed
@@ -13,20 +14,29 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import queue
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bad_input_cases import JOB, PWNED, STAR, TRAINED, Case, catalogue, train
 from conftest import run_cli
+from launcher_server import LauncherServer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "relion_dynamight"
 EXIT_FILES = ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED", "RELION_JOB_ABORT_NOW")
 ENV = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "MPLBACKEND": "Agg"}
 CASES = catalogue()
+#: Cases run this many at a time.  Each is its own single-threaded subprocess (the test process only waits),
+#: so on a 2-core CI machine two at a time halve the catalogue's wall time.  Cases with a ``preexec``
+#: (resource limits) run alone afterwards: ``preexec_fn`` is unsafe while other threads start processes.
+WORKERS = max(1, int(os.environ.get("RELION_DYNAMIGHT_TEST_JOBS", "2")))
+FORK = os.environ.get("RELION_DYNAMIGHT_TEST_FORK", "1") != "0"
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -84,16 +94,80 @@ def trained_dir(project_dir: Path) -> tuple[Path, dict[str, str], dict[str, str]
     return root, before, snapshot(root)
 
 
-def copy_of(request: pytest.FixtureRequest, case: Case, tmp_path: Path) -> Path:
-    if case.base == "trained":
-        src = request.getfixturevalue("trained_dir")[0]
-    else:
-        src = request.getfixturevalue("project_dir")
+def copy_of(src: Path, case: Case, tmp_path: Path) -> Path:
     root = tmp_path / ("my project dir" if "spaces" in case.id else "project")
     shutil.copytree(src, root, symlinks=True)
     for name in EXIT_FILES:  # the copied job starts clean, as RELION would leave it
         (root / TRAINED / name).unlink(missing_ok=True)
     return root
+
+
+@dataclass
+class Outcome:
+    root: Path
+    before: dict[str, str]       # snapshot before the command ran
+    after: dict[str, str]        # and after
+    proc: subprocess.CompletedProcess
+
+
+def prepare(case: Case, src: Path, tmp_path: Path) -> tuple[Path, list[str], dict[str, str]]:
+    """A private copy of ``src`` edited by the case; returns ``(root, argv, snapshot before)``."""
+    root = copy_of(src, case, tmp_path)
+    argv = case.prepare(root)
+    if case.control:
+        argv += ["--pipeline-control", case.job]
+    return root, argv, snapshot(root)
+
+
+def execute(case: Case, root: Path, argv: list[str], before: dict[str, str],
+            servers: queue.Queue | None) -> Outcome:
+    """Run the case's command: forked by a launcher server when one is given, else a fresh interpreter."""
+    if servers is None or case.preexec is not None:
+        proc = run(argv, root, case.preexec)
+    else:
+        server = servers.get()
+        try:
+            proc = server.run(argv, root, timeout=300)
+        finally:
+            servers.put(server)
+    return Outcome(root, before, snapshot(root), proc)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future]:
+    """``{case id: Future of its Outcome}`` for the selected cases, run ``WORKERS`` at a time.
+
+    Copies are prepared here, in order; an error while preparing or running a case is raised by that case's
+    test alone.  Project cases come first, so training the ``trained`` base overlaps with them.  Commands
+    are forked from :mod:`launcher_server` processes (torch imported once; ``RELION_DYNAMIGHT_TEST_FORK=0``:
+    a fresh interpreter per case); cases with a ``preexec`` always get a fresh interpreter.
+    """
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if getattr(item, "originalname", "") == "test_case" and item.path == request.path}
+    cases = sorted((c for c in CASES if c.id in selected), key=lambda c: (c.preexec is not None, c.base))
+    out: dict[str, Future] = {}
+    servers: queue.Queue | None = None
+    if FORK and any(c.preexec is None for c in cases):
+        servers = queue.Queue()
+        for _ in range(WORKERS):
+            servers.put(LauncherServer({"OMP_NUM_THREADS": "1", **ENV}))
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for case in cases:
+            out[case.id] = done = Future()
+            try:
+                src = request.getfixturevalue("trained_dir")[0] if case.base == "trained" \
+                    else request.getfixturevalue("project_dir")
+                root, argv, before = prepare(case, src, tmp_path_factory.mktemp("case"))
+                if case.preexec is None:
+                    out[case.id] = pool.submit(execute, case, root, argv, before, servers)
+                    continue
+                wait([f for f in out.values() if f is not done])  # alone: no other thread starts processes
+                done.set_result(execute(case, root, argv, before, servers))
+            except Exception as exc:  # noqa: BLE001 - reported by the case's own test
+                done.set_exception(exc)
+    while servers is not None and not servers.empty():
+        servers.get().close()
+    return out
 
 
 # -- the catalogue ----------------------------------------------------------------------------------------
@@ -104,14 +178,9 @@ def test_catalogue_size() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_case(case: Case, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    root = copy_of(request, case, tmp_path)
-    argv = case.prepare(root)
-    if case.control:
-        argv += ["--pipeline-control", case.job]
-    before = snapshot(root)
-    proc = run(argv, root, case.preexec)
-    after = snapshot(root)
+def test_case(case: Case, outcomes: dict[str, Future]) -> None:
+    res = outcomes[case.id].result()
+    root, before, after, proc = res.root, res.before, res.after, res.proc
     job = root / case.job if case.job else None
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     report = f"rc={proc.returncode}\nstderr tail:\n" + "\n".join(lines[-8:])

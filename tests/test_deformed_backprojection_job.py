@@ -46,8 +46,13 @@ def fit_decoder(phantom, seed: int, steps: int = 300) -> DeformationDecoder:
     return dec
 
 
-def make_trained_job(root: Path, motion: str = "hinge", n: int = 400, snr: float = 0.5) -> Path:
-    """A simulated project with a 'trained' forward job directory built from the truth."""
+def make_trained_job(root: Path, motion: str = "hinge", n: int = 400, snr: float = 0.5,
+                     fit_steps: int = 300) -> Path:
+    """A simulated project with a 'trained' forward job directory built from the truth.
+
+    ``fit_steps``: regression steps of each half's decoder (~12 s of CPU for 300); 0 leaves the decoders
+    untrained, enough for tests of the job's input checks.
+    """
     sim = simulate_project(root, n_particles=n, box=BOX, pixel_size=PIXEL, snr=snr, motion=motion, seed=2,
                            max_angle=MAX_ANGLE, float16_groups=())
     phantom, truth = load_truth(root)
@@ -59,7 +64,7 @@ def make_trained_job(root: Path, motion: str = "hinge", n: int = 400, snr: float
               "decoder_layers": 8, "star_file": str(star), "seed": 0}
     halves = {}
     for h in (1, 2):
-        dec = fit_decoder(phantom, seed=h)
+        dec = fit_decoder(phantom, seed=h, steps=fit_steps)
         halves[h] = {"decoder": dict(dec.state_dict()), "gaussians": {"positions": phantom.positions.float()}}
     job = root / JOB
     ckpt.save_checkpoint(ckpt.final_path(job), {
@@ -180,7 +185,7 @@ def test_mpi_two_ranks_equal_one(hinge_job, mpiexec, tmp_path):
 
 def test_backprojection_before_inverse_is_a_clear_error(tmp_path_factory):
     root = tmp_path_factory.mktemp("noinverse")
-    make_trained_job(root, n=200)
+    make_trained_job(root, n=200, fit_steps=0)  # only the input checks run: the decoders need no fitting
     res = cli(root, "deformable-backprojection", JOB + "/", "--batch-size", "64")
     assert res.returncode != 0
     assert "optimize-inverse-deformations" in res.stderr
@@ -194,7 +199,7 @@ def test_backprojection_before_inverse_is_a_clear_error(tmp_path_factory):
     assert res.returncode != 0 and "inverse_half1.h5" in res.stderr and "corrupt" in res.stderr
     # a forward checkpoint of another particle set
     other = tmp_path_factory.mktemp("other")
-    make_trained_job(other, n=120)
+    make_trained_job(other, n=120, fit_steps=0)
     res = cli(root, "optimize-inverse-deformations", JOB + "/", "--n-epochs", "1", "--checkpoint-file",
               str(ckpt.final_path(other / JOB)))
     assert res.returncode != 0 and "another particle set" in res.stderr

@@ -1,9 +1,10 @@
 """Determinism (issue 7 item 5): with the same ``--seed``, CPU runs are reproducible bit for bit.
 
 Two uninterrupted runs of optimize-deformations -> optimize-inverse-deformations ->
-deformable-backprojection in separate job directories of one project must give byte-identical
-checkpoint arrays (both halves: networks, Adam state, Gaussians, RNG states, histories), identical
-``latent_space.star`` and identical output maps (data and header; mrcfile's creation-time label aside).
+deformable-backprojection in separate job directories of one project (run side by side, as concurrent
+processes) must give byte-identical checkpoint arrays (both halves: networks, Adam state, Gaussians, RNG
+states, histories), identical ``latent_space.star`` and identical output maps (data and header; mrcfile's
+creation-time label aside).
 Where GPU runs are not reproducible: /work/notes/J_determinism.md (to go into the README).
 """
 
@@ -20,8 +21,7 @@ from tests import fault_support as fs
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    project, ref_job, _ = fs.reference_pipeline(tmp_path_factory)
-    fs.run_pipeline(project, "DynaMight/job300")
+    project, ref_job, _ = fs.reference_pipeline(tmp_path_factory, also=("DynaMight/job300",))  # side by side
     return project / ref_job, project / "DynaMight/job300"
 
 

@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +30,10 @@ FAULT_SEED = int(os.environ.get("RELION_DYNAMIGHT_FAULT_SEED", "2024"))
 KILLS = {"train": 8, "inverse": 6, "backprojection": 6}
 #: Tolerances of "the same result" (float32 arithmetic; in practice the results are bit-identical).
 RTOL, ATOL = 1e-5, 1e-6
+#: Kill loops run at a time.  1 by default: the 10-s SIGTERM limit is a timing assertion, and two loops side
+#: by side on a machine whose cores are already busy slow each job enough to miss it (seen at load 5 on 2
+#: cores).  On free cores (CI) ``RELION_DYNAMIGHT_FAULT_JOBS=2`` runs two of the three loops at once.
+KILL_WORKERS = max(1, int(os.environ.get("RELION_DYNAMIGHT_FAULT_JOBS", "1")))
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +41,33 @@ def reference(tmp_path_factory):
     return fs.reference_pipeline(tmp_path_factory)
 
 
-@pytest.mark.parametrize("step", fs.STEPS)
-def test_kills_then_resume_equals_uninterrupted(reference, step):
-    project, ref_job, times = reference
+def _kill_and_resume(project, ref_job, times, step) -> fs.KillLog:
     rnd = random.Random(f"{FAULT_SEED}-{step}")
     log = fs.KillLog()
     job = f"DynaMight/job1{fs.STEPS.index(step)}0"
-    res = fs.run_with_kills(project, step, job, ref_job, rnd, KILLS[step], times[step], log)
+    fs.run_with_kills(project, step, job, ref_job, rnd, KILLS[step], times[step], log)
+    return log
+
+
+@pytest.fixture(scope="module")
+def killed(request, reference) -> dict[str, Future]:
+    """``{step: Future of its KillLog}``: the selected steps' kill-and-resume loops, ``KILL_WORKERS`` at a time.
+
+    Each loop works in its own job directory and only waits on its own subprocesses; the kill delays are
+    drawn from per-step seeded generators, so running the loops side by side changes no draw.
+    """
+    steps = [item.callspec.params["step"] for item in request.session.items
+             if getattr(item, "originalname", "") == "test_kills_then_resume_equals_uninterrupted"
+             and item.path == request.path]
+    with ThreadPoolExecutor(KILL_WORKERS) as pool:
+        return {step: pool.submit(_kill_and_resume, *reference, step) for step in fs.STEPS if step in steps}
+
+
+@pytest.mark.parametrize("step", fs.STEPS)
+def test_kills_then_resume_equals_uninterrupted(reference, killed, step):
+    project, ref_job, _ = reference
+    log = killed[step].result()
+    job = f"DynaMight/job1{fs.STEPS.index(step)}0"
     print(f"{step}: {log.kills()} kills: {log.summary()}")
     assert log.kills() == KILLS[step]
     ref, got = project / ref_job, project / job
@@ -102,6 +128,18 @@ def test_watchdog_leaves_a_written_exit_file_alone(tmp_path):
     assert fs.exit_files(tmp_path) == [fs.EXIT_SUCCESS]
 
 
+def watchdog_of(pid: int) -> bool:
+    """The launcher ``pid`` has started its watchdog (other children, e.g. ``ldconfig`` run by ctypes'
+    ``find_library`` before the SIGTERM handler is set, do not count)."""
+    for child in fs.descendants(pid):
+        try:
+            if b"relion_dynamight.relion.watchdog" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_sigterm_while_starting_writes_aborted(tmp_path):
     """SIGTERM during the imports (before the job protocol is up) still leaves ABORTED, within 10 s."""
     (tmp_path / "in.star").write_text("data_\n")
@@ -110,7 +148,7 @@ def test_sigterm_while_starting_writes_aborted(tmp_path):
                              str(job), "--pipeline-control", str(job)], env={**os.environ, **fs.ENV},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not fs.descendants(proc.pid) and time.monotonic() < deadline:  # the watchdog: handlers are set
+    while not watchdog_of(proc.pid) and time.monotonic() < deadline:  # the watchdog: handlers are set
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()

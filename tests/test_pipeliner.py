@@ -87,11 +87,15 @@ def _project(tmp_path: Path) -> Path:
     return project
 
 
+#: relion_pipeliner waits ``--sec_wait_after`` (default 10) seconds after each job "for slow IO": 1 s here.
+NO_IO_WAIT = ("--sec_wait_after", "1")
+
+
 def _add_and_run(project: Path, options: str, timeout: float = 120) -> subprocess.CompletedProcess:
     add = subprocess.run(["relion_pipeliner", "--addJob", "External", "--addJobOptions", options],
                          cwd=project, capture_output=True, text=True, timeout=60)
     assert add.returncode == 0, add.stderr
-    return subprocess.run(["relion_pipeliner", "--RunJobs", "External/job001/"], cwd=project,
+    return subprocess.run(["relion_pipeliner", "--RunJobs", "External/job001/", *NO_IO_WAIT], cwd=project,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -158,7 +162,7 @@ def test_abort_is_honoured(relion: None, tmp_path: Path) -> None:
                           "param2_label == box;param2_value == 64"],
                          cwd=project, capture_output=True, text=True, timeout=60)
     assert add.returncode == 0, add.stderr
-    runner = subprocess.Popen(["relion_pipeliner", "--RunJobs", "External/job001/"], cwd=project,
+    runner = subprocess.Popen(["relion_pipeliner", "--RunJobs", "External/job001/", *NO_IO_WAIT], cwd=project,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = project / "External/job001"
     deadline = time.time() + 60
