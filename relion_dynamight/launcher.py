@@ -104,9 +104,10 @@ def bound_heap_growth(threshold_bytes: int = 4 << 20) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = normalize_argv(sys.argv[1:] if argv is None else argv)
-    bound_heap_growth()
     if argv is None:  # a real process, not an in-process call
-        _abort_during_startup(args)
+        _abort_during_startup(args)   # first: a SIGTERM from here on ends in ABORTED
+    bound_heap_growth()
+    if argv is None:
         _start_watchdog(args)
     try:
         import click
