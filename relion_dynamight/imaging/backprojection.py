@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from relion_dynamight.imaging.fourier import irfft3_centered, rfft2_centered, rfft3_centered, shift_phase_2d
+from relion_dynamight.imaging.fourier import irfft3_centered, rfft2_centered, shift_phase_2d
 
 Method = Literal["gridding", "floor"]
 
@@ -123,6 +123,8 @@ class FourierAccumulator:
         self._channels = torch.arange(3, device=self.device)
         self.count = 0
         self._slice_index, self._slice_coords = _slice_samples(self.box, self.max_radius_px, self.device)
+        self._version = 0                                   # bumped by every change of the sums
+        self._inverse_cache: tuple[tuple, Tensor] | None = None
 
     # -- accumulation -------------------------------------------------------------------------
     def insert(self, spectra: Tensor, weights: Tensor, rotations: Tensor) -> None:
@@ -143,6 +145,7 @@ class FourierAccumulator:
         for start in range(0, b, step):
             self._scatter(samples[start:start + step], rot[start:start + step])
         self.count += b
+        self._changed()
 
     def _scatter(self, samples: Tensor, rot: Tensor) -> None:
         """Trilinear splatting of ``(b, M, 3)`` samples (re, im, weight) at ``pad * A.T @ (kx, ky, 0)``."""
@@ -184,6 +187,7 @@ class FourierAccumulator:
         """Zero the sums and the count in place (reuses the buffer: no new allocation)."""
         self._acc.zero_()
         self.count = 0
+        self._changed()
         return self
 
     def add_(self, other: "FourierAccumulator") -> "FourierAccumulator":
@@ -192,6 +196,7 @@ class FourierAccumulator:
             raise ValueError("accumulators differ in box or padding")
         self._acc += other._acc.to(self.device)
         self.count += other.count
+        self._changed()
         return self
 
     def reduce_(self, comm: object) -> "FourierAccumulator":
@@ -204,7 +209,12 @@ class FourierAccumulator:
         count = comm.allreduce_sum(np.array([self.count], dtype=np.int64))  # type: ignore[attr-defined]
         self._acc = torch.from_numpy(np.ascontiguousarray(total)).to(self.device)
         self.count = int(count[0])
+        self._changed()
         return self
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._inverse_cache = None
 
     # -- read-out -----------------------------------------------------------------------------
     def data_grid(self) -> Tensor:
@@ -213,24 +223,33 @@ class FourierAccumulator:
         Same values as ``_hermitian_x0(self.data)`` (same additions in the same order) with a single full
         copy of the grid instead of three.
         """
-        p, h = self.size, self.size // 2 + 1
-        acc = self._acc
-        out = torch.view_as_complex(acc[:p, :p, :h, :2].contiguous())
-        out[0] += torch.view_as_complex(acc[p, :p, :h, :2].contiguous())           # fold the kz = P plane
-        column = torch.view_as_complex(acc[:p, p, :h, :2].contiguous())
-        column[0] += torch.view_as_complex(acc[p, p, :h, :2].contiguous())
-        out[:, 0] += column                                                          # fold the ky = P row
-        plane = out[:, :, 0].clone()
-        mirror = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
-        out[:, :, 0] = plane + mirror.conj()
-        return out
+        return self._folded_grid(complex_data=True)
 
     def weight_grid(self) -> Tensor:
         """``weight`` with the ``kx = 0`` plane symmetrised (a copy), ``(P, P, P//2+1)`` real.
 
-        This Fourier-space grid is what :func:`normalise_backprojection` divides by.
+        This Fourier-space grid is what :func:`normalise_backprojection` divides by.  Same values as
+        ``_hermitian_x0(self.weight, conj=False)`` with one full copy of the grid instead of three.
         """
-        return _hermitian_x0(self.weight, conj=False)
+        return self._folded_grid(complex_data=False)
+
+    def _folded_grid(self, complex_data: bool) -> Tensor:
+        """Data (complex) or weight channel folded (``+1`` planes added back) and made Hermitian at ``kx = 0``."""
+        p, h = self.size, self.size // 2 + 1
+        acc = self._acc
+
+        def channel(t: Tensor) -> Tensor:
+            return torch.view_as_complex(t[..., :2].contiguous()) if complex_data else t[..., 2].contiguous()
+
+        out = channel(acc[:p, :p, :h])
+        out[0] += channel(acc[p, :p, :h])                                            # fold the kz = P plane
+        column = channel(acc[:p, p, :h])
+        column[0] += channel(acc[p, p, :h])
+        out[:, 0] += column                                                          # fold the ky = P row
+        plane = out[:, :, 0].clone()
+        mirror = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
+        out[:, :, 0] = plane + (mirror.conj() if complex_data else mirror)
+        return out
 
     #: Same as :meth:`weight_grid` (the weights are a Fourier-space grid, not a real-space map).
     weight_volume = weight_grid
@@ -242,10 +261,33 @@ class FourierAccumulator:
         wiener: added to the weights before inversion: a number, or a ``(N//2+1,)`` tensor per shell
         of the N grid (e.g. :func:`wiener_term_from_fsc`); None = RELION's unregularised default.
         method: ``"gridding"`` (RELION 3.1 default) or ``"floor"``; None = :data:`DEFAULT_METHOD`.
+        The inverse weights of the last call are kept (:meth:`inverse_weight`), so reconstructing again with
+        the same ``wiener`` and ``method`` (e.g. the standard map beside the deformed one) does not redo them.
         """
+        inv = self.inverse_weight(wiener=wiener, method=method)
+        grid = self.data_grid()
+        grid *= inv
+        del inv
+        return _finish(grid, self.box, self.pad, mask_corners=mask_corners, inplace=True)
+
+    def inverse_weight(self, wiener: float | Tensor | None = None, method: Method | None = None) -> Tensor:
+        """:func:`inverse_weight` of :meth:`weight_grid`, ``(P, P, P//2+1)`` float32 (do not modify it).
+
+        The result of the last call is cached (one grid) until the sums change or another ``wiener`` /
+        ``method`` is asked for; set ``cache_inverse = False`` on the instance to keep none.
+        """
+        key = (self._version, method or DEFAULT_METHOD, wiener_key(wiener))
+        if self._inverse_cache is not None and self._inverse_cache[0] == key:
+            return self._inverse_cache[1]
+        self._inverse_cache = None                                   # free the old grid before computing
         inv = inverse_weight(self.weight_grid(), self.box, self.pad, self.max_radius_px, method=method,
                              wiener=wiener)
-        return _finish(self.data_grid() * inv, self.box, self.pad, mask_corners=mask_corners)
+        if self.cache_inverse:
+            self._inverse_cache = (key, inv)
+        return inv
+
+    #: Keep the last inverse weights (one float32 half grid) for the next :meth:`reconstruct`.
+    cache_inverse: bool = True
 
     def backprojection_volume(self, crop: bool = True, gridding_correct: bool = True) -> Tensor:
         """The un-normalised real-space backprojection: inverse FFT of the padded data grid.
@@ -255,9 +297,13 @@ class FourierAccumulator:
         Scaled so that :func:`normalise_backprojection` of the padded box (``crop=False``) reproduces
         :meth:`reconstruct`; the cropped box is for display only (see that function).
         """
-        vol = irfft3_centered(self.data_grid() / self._scale, self.size)
+        grid = self.data_grid()
+        grid /= self._scale
         if crop:
-            vol = _crop(vol, self.box)
+            vol = centred_irfft3_crop(grid, self.size, self.box)
+        else:
+            vol = irfft3_centered(grid, self.size)
+        del grid
         if gridding_correct:
             vol = vol / gridding_function(vol.shape[-1], self.size, device=vol.device)
         return vol
@@ -274,7 +320,7 @@ class FourierAccumulator:
 def normalise_backprojection(bp_volume: Tensor, weight_grid: Tensor, box: int | None = None, pad: int = 2,
                              max_radius_px: float | None = None, wiener: float | Tensor | None = None,
                              method: Method | None = None, gridding_corrected: bool = True,
-                             mask_corners: bool = True) -> Tensor:
+                             mask_corners: bool = True, inv: Tensor | None = None) -> Tensor:
     """Divide a real-space backprojection by Fourier-space weights → the corrected map ``(N, N, N)``.
 
     bp_volume: ``(N, N, N)`` or padded ``(P, P, P)`` real-space backprojection as returned by
@@ -282,7 +328,9 @@ def normalise_backprojection(bp_volume: Tensor, weight_grid: Tensor, box: int | 
     weight_grid: ``(P, P, P//2+1)`` from :meth:`FourierAccumulator.weight_grid` (summed over groups).
     ``gridding_corrected`` says whether the apodisation was already removed from ``bp_volume`` (the
     default of ``backprojection_volume``); it is re-applied before the FFT so that the division
-    acts on the same quantity as in :meth:`FourierAccumulator.reconstruct`.
+    acts on the same quantity as in :meth:`FourierAccumulator.reconstruct`.  ``inv``: the
+    :func:`inverse_weight` of these weights if the caller already has it (then ``wiener``/``method``
+    are not used).
 
     Steps: zero-pad to P (if N given), FFT, multiply by :func:`inverse_weight`, inverse FFT, crop,
     corner mask, gridding correction.  ``normalise_backprojection(acc.backprojection_volume(crop=False),
@@ -298,12 +346,27 @@ def normalise_backprojection(bp_volume: Tensor, weight_grid: Tensor, box: int | 
     vol = bp_volume.to(weight_grid.device, torch.float32)
     if gridding_corrected:
         vol = vol * gridding_function(vol.shape[-1], size, device=vol.device)
-    if vol.shape[-1] != size:
-        vol = _pad_to(vol, size)
-    data = rfft3_centered(vol) * float(box * pad**3)
-    radius = box / 2 if max_radius_px is None else min(float(max_radius_px), box / 2)
-    inv = inverse_weight(weight_grid, box, pad, radius, method=method, wiener=wiener)
-    return _finish(data.to(torch.complex64) * inv, box, pad, mask_corners=mask_corners)
+    data = _centred_rfft3_padded(vol, size)
+    del vol
+    data *= float(box * pad**3) / size**3
+    if inv is None:
+        radius = box / 2 if max_radius_px is None else min(float(max_radius_px), box / 2)
+        inv = inverse_weight(weight_grid, box, pad, radius, method=method, wiener=wiener)
+    data *= inv
+    del inv
+    return _finish(data, box, pad, mask_corners=mask_corners, inplace=True)
+
+
+def _centred_rfft3_padded(vol: Tensor, size: int) -> Tensor:
+    """:func:`.fourier.rfft3_centered` of ``vol`` ``(n, n, n)`` zero-padded to ``size³`` (centres kept), NOT /size³.
+
+    The volume is written straight into its ``ifftshift``-ed place in the padded box (one padded copy).
+    """
+    n = vol.shape[-1]
+    shifted = torch.zeros((size, size, size), dtype=torch.float32, device=vol.device)
+    idx = (torch.arange(n, device=vol.device) - n // 2) % size
+    shifted[idx[:, None, None], idx[None, :, None], idx[None, None, :]] = vol
+    return torch.fft.rfftn(shifted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,52 +383,83 @@ def inverse_weight(weight: Tensor, box: int, pad: int = 2, max_radius_px: float 
     ``w = 1``, repeat ``w /= (w·W) ⊛ blob`` (convolution with a Kaiser–Bessel blob of radius
     ``1.9·pad`` grid points, alpha 15, via FFTs of the padded grid), which approximates ``1/W`` while
     staying bounded where the sampling is sparse.
+
+    Memory: works in float32 (the FFTs always were float32) on a few half grids; the shell index is
+    int32 and built slab by slab (:func:`_shell_grid`), the blob from a 1D radial table.
     """
     method = method or DEFAULT_METHOD
+    if method not in ("floor", "gridding"):
+        raise ValueError(f"unknown inverse-weight method {method!r}; use 'gridding' or 'floor'")
     size = weight.shape[0]
     radius = box / 2 if max_radius_px is None else float(max_radius_px)
-    r_pad = _radius_grid(size, weight.device)
-    inside = r_pad < pad * radius
-    shells = torch.round(r_pad / pad).long().clamp_max(box // 2)
-    w = weight.double()
+    shells, inside = _shell_grid(size, box, pad, radius, weight.device)
+    w = weight.to(torch.float32, copy=True)
     if wiener is not None:
         term = torch.as_tensor(wiener, dtype=torch.float64, device=w.device)
-        w = w + (term[shells] if term.ndim else term)
-    w = torch.where(inside, w, torch.zeros_like(w))
+        if term.ndim:
+            w += term.float()[shells]
+        else:
+            w += float(term)
+    w.masked_fill_(~inside, 0.0)
     if method == "floor":
         avg = _shell_mean(w, shells, inside, box // 2 + 1)
-        floor = (floor_fraction * avg)[shells].clamp_min(1e-30)
-        inv = 1.0 / torch.maximum(w, floor)
-    elif method == "gridding":
-        inv = _pipe_menon(w, inside, size, pad, iterations)
+        inv = (floor_fraction * avg).clamp_min(1e-30).float()[shells]
+        del shells
+        torch.maximum(w, inv, out=inv)
+        inv.reciprocal_()
     else:
-        raise ValueError(f"unknown inverse-weight method {method!r}; use 'gridding' or 'floor'")
-    return torch.where(inside, inv, torch.zeros_like(inv)).float()
+        del shells
+        inv = _pipe_menon(w, inside, size, pad, iterations)
+    del w
+    return inv.masked_fill_(~inside, 0.0)
+
+
+def wiener_key(wiener: float | Tensor | None) -> object:
+    """A hashable key equal for equal ``wiener`` arguments (None, a number, or a small per-shell tensor)."""
+    if wiener is None:
+        return None
+    t = torch.as_tensor(wiener, dtype=torch.float64)
+    return (tuple(t.shape), tuple(t.detach().cpu().reshape(-1).tolist()))
 
 
 def _pipe_menon(w: Tensor, inside: Tensor, size: int, pad: int, iterations: int) -> Tensor:
-    """Density compensation of Pipe & Menon (1999), as RELION's ``BackProjector::reconstruct``."""
-    blob_ft = _blob_fourier(size, BLOB_RADIUS * pad, BLOB_ALPHA, w.device).float()  # (P, P, P) real space
-    new = inside.double()
+    """Density compensation of Pipe & Menon (1999), as RELION's ``BackProjector::reconstruct``.
+
+    ``w`` is zero outside ``inside``, so ``new`` stays zero there (``0 / conv``) without a mask.  Inside, at
+    voxels without any weight, ``new`` grows by up to 10⁶ per iteration (as in RELION, which works in
+    double); it is capped at the largest float32 so that it never becomes inf: ``inf · 0`` in ``new · w`` or in
+    ``data · inv`` (the data are zero there too) used to turn the whole map into NaN (measured: 64 random
+    views, box 96-160, no Wiener term).
+    """
+    blob_ft = _blob_fourier(size, BLOB_RADIUS * pad, BLOB_ALPHA, w.device)   # (P, P, P) real space, float32
+    new = inside.to(torch.float32)
+    del inside
+    cap = torch.finfo(torch.float32).max
     for _ in range(iterations):
-        real = torch.fft.irfftn((new * w).float(), s=(size, size, size))
+        real = torch.fft.irfftn(new * w, s=(size, size, size))
         real *= blob_ft
-        conv = torch.fft.rfftn(real).abs().double()
+        spectrum = torch.fft.rfftn(real)
         del real
-        new = torch.where(inside, new / conv.clamp_min(1e-6), new)
+        conv = spectrum.abs()
+        del spectrum
+        new /= conv.clamp_min_(1e-6)
+        new.clamp_max_(cap)
+        del conv
     return new
 
 
-def _blob_fourier(size: int, radius: float, alpha: float, device: torch.device) -> Tensor:
+def _blob_fourier(size: int, radius: float, alpha: float, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
     """Normalised 3D Fourier transform of a Kaiser–Bessel blob (order 0) on the uncentred P³ box.
 
     For ``s = sqrt(alpha² - (2π a ω)²)``, ``FT ∝ (cosh s − sinh s / s) / s²`` (and the ``sin``/``cos``
     form when ``s`` is imaginary), with ``ω = |x| / P`` the real-space voxel distance over the box.
+    Evaluated in float64 on the integer squared distances ``|x|²`` (a 1D table) and gathered slab by
+    slab into a ``dtype`` grid.
     """
-    freq = torch.fft.fftfreq(size, d=1.0, device=device, dtype=torch.float64)   # = x / P, wrapped
-    z, y, x = torch.meshgrid(freq, freq, freq, indexing="ij")
-    omega = torch.sqrt(x**2 + y**2 + z**2)
-    arg = alpha**2 - (2 * math.pi * radius * omega) ** 2
+    k2 = _wrapped_int_freq(size, device) ** 2
+    d2 = torch.arange(int(3 * k2.max()) + 1, device=device, dtype=torch.float64)
+    arg = alpha**2 - (2 * math.pi * radius / size) ** 2 * d2
 
     def shape_fn(a: Tensor) -> Tensor:
         s = torch.sqrt(a.abs()).clamp_min(1e-6)
@@ -375,7 +469,12 @@ def _blob_fourier(size: int, radius: float, alpha: float, device: torch.device) 
         out = torch.where(a >= 0, real_branch, imag_branch)
         return torch.where(small, torch.full_like(out, 1.0 / 3.0), out)
 
-    return shape_fn(arg) / shape_fn(torch.tensor(alpha**2, dtype=torch.float64, device=device))
+    table = (shape_fn(arg) / shape_fn(torch.tensor(alpha**2, dtype=torch.float64, device=device))).to(dtype)
+    out = torch.empty((size, size, size), dtype=dtype, device=device)
+    yx2 = k2[:, None] + k2[None, :]
+    for sl in _slabs(size, size * size):
+        out[sl] = table[k2[sl, None, None] + yx2]
+    return out
 
 
 def wiener_term_from_fsc(weight_grid: Tensor, fsc: Tensor, box: int, pad: int = 2,
@@ -387,10 +486,8 @@ def wiener_term_from_fsc(weight_grid: Tensor, fsc: Tensor, box: int, pad: int = 
     weights, so the term is ``<W>_shell / SSNR`` (RELION's ``1/tau²`` incl. its oversampling factor).
     """
     size = weight_grid.shape[0]
-    r_pad = _radius_grid(size, weight_grid.device)
-    inside = r_pad < pad * box / 2
-    shells = torch.round(r_pad / pad).long().clamp_max(box // 2)
-    avg = _shell_mean(weight_grid.double(), shells, inside, box // 2 + 1)
+    shells, inside = _shell_grid(size, box, pad, box / 2, weight_grid.device)
+    avg = _shell_mean(weight_grid, shells, inside, box // 2 + 1)
     f = fsc.to(device=weight_grid.device, dtype=torch.float64).clamp_min(0.001)
     if whole_map:
         f = torch.sqrt(2 * f / (f + 1))
@@ -430,27 +527,18 @@ def soft_mask_outside_map(vol: Tensor, radius: float | None = None, width: float
     return ((1 - blend) * vol.double() + blend * bg).to(vol.dtype)
 
 
-def _finish(grid: Tensor, box: int, pad: int, mask_corners: bool = True) -> Tensor:
-    """Padded Fourier grid of the map → cropped, corner-masked, gridding-corrected ``(N, N, N)``."""
+def _finish(grid: Tensor, box: int, pad: int, mask_corners: bool = True, inplace: bool = False) -> Tensor:
+    """Padded Fourier grid of the map → cropped, corner-masked, gridding-corrected ``(N, N, N)``.
+
+    ``inplace``: the caller gives ``grid`` away (it is scaled in place instead of copied).
+    """
     size = pad * box
-    vol = _crop(irfft3_centered(grid / float(box * pad**3), size), box)
+    grid = grid.div_(float(box * pad**3)) if inplace else grid / float(box * pad**3)
+    vol = centred_irfft3_crop(grid, size, box)
+    del grid
     if mask_corners:
         vol = soft_mask_outside_map(vol)
     return (vol / gridding_function(box, size, device=vol.device)).float()
-
-
-def _crop(vol: Tensor, n: int) -> Tensor:
-    start = vol.shape[-1] // 2 - n // 2
-    sl = slice(start, start + n)
-    return vol[..., sl, sl, sl].contiguous()
-
-
-def _pad_to(vol: Tensor, size: int) -> Tensor:
-    n = vol.shape[-1]
-    out = torch.zeros((size, size, size), dtype=vol.dtype, device=vol.device)
-    start = size // 2 - n // 2
-    out[start:start + n, start:start + n, start:start + n] = vol
-    return out
 
 
 def _radius_grid(size: int, device: torch.device) -> Tensor:
@@ -462,11 +550,65 @@ def _radius_grid(size: int, device: torch.device) -> Tensor:
 
 
 def _shell_mean(values: Tensor, shells: Tensor, inside: Tensor, nshell: int) -> Tensor:
-    idx = shells[inside]
-    total = torch.zeros(nshell, dtype=torch.float64, device=values.device).index_add_(0, idx, values[inside])
-    count = torch.zeros(nshell, dtype=torch.float64, device=values.device).index_add_(
-        0, idx, torch.ones_like(values[inside]))
-    return total / count.clamp_min(1)
+    """Mean of ``values`` over the ``inside`` voxels of each shell ``0 .. nshell-1``, float64 ``(nshell,)``.
+
+    Summed in float64 slab by slab (voxels outside go to an extra, dropped bin), so no full-size copies.
+    """
+    total = torch.zeros(nshell + 1, dtype=torch.float64, device=values.device)
+    count = torch.zeros(nshell + 1, dtype=torch.float64, device=values.device)
+    plane = values[0].numel()
+    for sl in _slabs(values.shape[0], plane):
+        idx = torch.where(inside[sl], shells[sl], nshell).reshape(-1).long()
+        total.index_add_(0, idx, values[sl].reshape(-1).double())
+        count.index_add_(0, idx, torch.ones(idx.shape, dtype=torch.float64, device=values.device))
+    return total[:nshell] / count[:nshell].clamp_min(1)
+
+
+def _shell_grid(size: int, box: int, pad: int, radius: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Shell index ``round(|k| / pad)`` clamped to ``box//2`` (int32) and ``inside = |k| < pad·radius`` (bool).
+
+    Both ``(P, P, P//2+1)`` in the rfftn layout (``|k|`` in padded grid points, as :func:`_radius_grid`);
+    built slab by slab from exact integer ``|k|²`` so that no float64 full-size grid is needed.
+    """
+    k = _wrapped_int_freq(size, device)
+    kx2 = torch.arange(size // 2 + 1, device=device) ** 2
+    yx2 = (k**2)[:, None] + kx2[None, :]
+    limit = math.ceil((pad * radius) ** 2)           # integer r² < (pad·radius)²  ⇔  r² < ceil(...)
+    shells = torch.empty((size, size, size // 2 + 1), dtype=torch.int32, device=device)
+    inside = torch.empty(shells.shape, dtype=torch.bool, device=device)
+    for sl in _slabs(size, yx2.numel()):
+        r2 = (k[sl] ** 2)[:, None, None] + yx2
+        inside[sl] = r2 < limit
+        shells[sl] = torch.round(torch.sqrt(r2.double()) / pad).clamp_max(box // 2).int()
+    return shells, inside
+
+
+def _wrapped_int_freq(size: int, device: torch.device | None) -> Tensor:
+    """Integer frequencies ``0, 1, …, -1`` of a ``size`` axis in fftfreq order (int64)."""
+    k = torch.arange(size, device=device)
+    return torch.where(k < (size + 1) // 2, k, k - size)
+
+
+def _slabs(n: int, plane: int, target: int = 1 << 21) -> list[slice]:
+    """Slices of the first axis (``n`` planes of ``plane`` elements) of about ``target`` elements each."""
+    step = max(1, target // max(plane, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def centred_irfft3_crop(spectrum: Tensor, n: int, region: int) -> Tensor:
+    """The central ``region³`` of :func:`.fourier.irfft3_centered` ``(spectrum, n)`` (its centre at ``region//2``).
+
+    One 1D inverse transform per axis, cropping after each, so the later axes transform fewer lines (about
+    2/3 of the work of the full transform for ``region ≈ n/2``) and no full ``n³`` real grid is made.
+    ``spectrum``: ``(n, n, n//2+1)``.
+    """
+    if region >= n:
+        return irfft3_centered(spectrum, n)
+    idx = (torch.arange(region, device=spectrum.device) - region // 2) % n     # unshifted index of each kept voxel
+    vol = torch.fft.ifft(spectrum, dim=0).index_select(0, idx)
+    vol = torch.fft.ifft(vol, dim=1).index_select(1, idx)
+    vol = torch.fft.irfft(vol, n=n, dim=2).index_select(2, idx)
+    return vol.mul_(float(n**3))
 
 
 def _hermitian_x0(grid: Tensor, conj: bool) -> Tensor:

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from relion_dynamight.imaging.backprojection import FourierAccumulator, Method, normalise_backprojection
-from relion_dynamight.imaging.fourier import irfft3_centered
+from relion_dynamight.imaging.backprojection import (FourierAccumulator, Method, centred_irfft3_crop,  # noqa: F401
+                                                     inverse_weight, normalise_backprojection, wiener_key)
 from relion_dynamight.imaging.geometry import grid_points_3d
 from relion_dynamight.imaging.warp import (DEFAULT_INTERPOLATION, Interpolation, bspline_node_values,
                                            bspline_prefilter_3d, central_slices, sample_bspline, sample_volume)
@@ -86,31 +86,17 @@ def floor_weights(weight_grid: Tensor, box: int, pad: int, fraction: float) -> T
     The warped data of a group no longer sit exactly on the Fourier voxels where its CTF² weights were
     summed, so dividing by a near-empty voxel's weight amplifies them without bound; the floor bounds it.
     """
-    from relion_dynamight.imaging.backprojection import _radius_grid, _shell_mean
+    from relion_dynamight.imaging.backprojection import _shell_grid, _shell_mean
 
     if fraction <= 0:
         return weight_grid
     size = weight_grid.shape[0]
-    r_pad = _radius_grid(size, weight_grid.device)
-    inside = r_pad < pad * box / 2
-    shells = torch.round(r_pad / pad).long().clamp_max(box // 2)
-    avg = _shell_mean(weight_grid.double(), shells, inside, box // 2 + 1).float()
-    return torch.maximum(weight_grid, fraction * avg[shells])
-
-
-def centred_irfft3_crop(spectrum: Tensor, n: int, region: int) -> Tensor:
-    """The central ``region³`` of :func:`.fourier.irfft3_centered` ``(spectrum, n)`` (its centre at ``region//2``).
-
-    One 1D inverse transform per axis, cropping after each, so the later axes transform fewer lines (about
-    2/3 of the work of the full transform for ``region ≈ n/2``).  ``spectrum``: ``(n, n, n//2+1)``.
-    """
-    if region >= n:
-        return irfft3_centered(spectrum, n)
-    idx = (torch.arange(region, device=spectrum.device) - region // 2) % n     # unshifted index of each kept voxel
-    vol = torch.fft.ifft(spectrum, dim=0).index_select(0, idx)
-    vol = torch.fft.ifft(vol, dim=1).index_select(1, idx)
-    vol = torch.fft.irfft(vol, n=n, dim=2).index_select(2, idx)
-    return vol * float(n**3)
+    shells, inside = _shell_grid(size, box, pad, box / 2, weight_grid.device)
+    avg = _shell_mean(weight_grid, shells, inside, box // 2 + 1).float()
+    del inside
+    floor = (fraction * avg)[shells]
+    del shells
+    return torch.maximum(weight_grid, floor, out=floor)
 
 
 def gridding_at(points: Tensor, padded_size: int) -> Tensor:
@@ -150,6 +136,7 @@ class DeformedBackprojector:
         self._spectral_filter: Tensor | None = None      # (P, P, P//2+1): B-spline prefilter / scale
         self._node_cache: tuple[Tensor, Tensor] | None = None
         self._floor_all = False          # measurement switch: floor the weights of the whole map, not only delta
+        self._change_cache: tuple[tuple, Tensor] | None = None   # last inverse of the floored weights
         self.count = 0
         self.n_groups = 0
 
@@ -260,18 +247,34 @@ class DeformedBackprojector:
         48–64 were noise); the unwarped part is consistent with ``W`` and keeps the plain division, so the
         identity deformation still gives exactly the standard map.
         """
-        weights = self.weight_grid()
         floor = DEFAULT_WEIGHT_FLOOR if weight_floor is None else weight_floor
         if floor <= 0 or self._floor_all:
-            weights = floor_weights(weights, self.box, self.pad, floor)
+            weights = floor_weights(self.weight_grid(), self.box, self.pad, floor)
             return normalise_backprojection(self.backprojection_volume(), weights, self.box, self.pad,
                                             self.max_radius_px, wiener=wiener, method=method,
                                             gridding_corrected=False, mask_corners=mask_corners)
         standard = self.standard_reconstruction(wiener=wiener, method=method, mask_corners=mask_corners)
-        change = normalise_backprojection(self.delta, floor_weights(weights, self.box, self.pad, floor), self.box,
-                                          self.pad, self.max_radius_px, wiener=wiener, method=method,
-                                          gridding_corrected=False, mask_corners=mask_corners)
+        inv = self._change_inverse(wiener, method, floor)
+        # with ``inv`` given, the weight-grid argument only supplies the grid size and device
+        change = normalise_backprojection(self.delta, inv, self.box, self.pad, self.max_radius_px,
+                                          gridding_corrected=False, mask_corners=mask_corners, inv=inv)
         return standard + change
+
+    def _change_inverse(self, wiener: float | Tensor | None, method: Method | None, floor: float) -> Tensor:
+        """Inverse of the floored weights for ``delta`` (the last one is cached, like the standard map's)."""
+        key = (self.undeformed._version, method, wiener_key(wiener), floor)
+        if self._change_cache is not None and self._change_cache[0] == key:
+            return self._change_cache[1]
+        self._change_cache = None
+        if self._group.count:
+            raise RuntimeError("finish_group() must be called before reading the weights")
+        weights = floor_weights(self.undeformed.weight_grid(), self.box, self.pad, floor)
+        radius = self.box / 2 if self.max_radius_px is None else min(float(self.max_radius_px), self.box / 2)
+        inv = inverse_weight(weights, self.box, self.pad, radius, method=method, wiener=wiener)
+        del weights
+        if self.undeformed.cache_inverse:
+            self._change_cache = (key, inv)
+        return inv
 
     def standard_reconstruction(self, wiener: float | Tensor | None = None, method: Method | None = None,
                                 mask_corners: bool = True) -> Tensor:

@@ -17,8 +17,11 @@ from relion_dynamight.errors import InputError
 
 log = logging.getLogger("relion_dynamight")
 
-#: Peak bytes per voxel of the padded (2N)³ grid (measured peak of the final division, 112 at box 128 on CPU, rounded up).
-BYTES_PER_PADDED_VOXEL = 120
+#: Peak bytes per voxel of the padded (2N)³ grid: one half's sequence (groups, first, Wiener-regularised and
+#: standard reconstructions) peaks at 59.0 / 53.1 / 54.6 B at box 96 / 128 / 160 on CPU (64 images per batch);
+#: the job keeps the other half's accumulators meanwhile (~13 B), plus ~10 %.  Was 120 (112 at box 128) before
+#: the final division worked in float32 with compact shell grids.
+BYTES_PER_PADDED_VOXEL = 80
 #: Peak bytes per image pixel per particle of one insertion batch (spectra, CTF, weights, interpolation).
 BYTES_PER_BATCH_PIXEL = 200
 #: Share of the free memory the plan may use.
