@@ -135,7 +135,6 @@ class DeformedBackprojector:
         self._moving = taper > 0 if taper is not None else torch.ones_like(self.delta, dtype=torch.bool)
         self._spectral_filter: Tensor | None = None      # (P, P, P//2+1): B-spline prefilter / scale
         self._node_cache: tuple[Tensor, Tensor] | None = None
-        self._floor_all = False          # measurement switch: floor the weights of the whole map, not only delta
         self._change_cache: tuple[tuple, Tensor] | None = None   # last inverse of the floored weights
         self.count = 0
         self.n_groups = 0
@@ -248,7 +247,7 @@ class DeformedBackprojector:
         identity deformation still gives exactly the standard map.
         """
         floor = DEFAULT_WEIGHT_FLOOR if weight_floor is None else weight_floor
-        if floor <= 0 or self._floor_all:
+        if floor <= 0:
             weights = floor_weights(self.weight_grid(), self.box, self.pad, floor)
             return normalise_backprojection(self.backprojection_volume(), weights, self.box, self.pad,
                                             self.max_radius_px, wiener=wiener, method=method,

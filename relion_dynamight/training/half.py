@@ -30,6 +30,7 @@ from relion_dynamight.imaging.ctf import ctf_2d
 from relion_dynamight.imaging.fourier import irfft2_centered, rfft2_centered, shift_phase_2d
 from relion_dynamight.imaging.gaussians import project_gaussians
 from relion_dynamight.model.consensus import GaussianModel, GaussianParams
+from relion_dynamight.training.reference_frame import closest_to_initial
 from relion_dynamight.model.decoder import DeformationDecoder
 from relion_dynamight.model.encoder import Encoder, reparameterize
 from relion_dynamight.model.losses import data_loss, gradient_ratio_lambda, kl_loss
@@ -325,13 +326,9 @@ class HalfModel:
         z = self.latents(data, sample, check_abort).to(self.device)
         pos = self.gaussians.positions.detach()
         bs = int(self.config["batch_size"])
-        dists = []
-        for i in range(0, z.shape[0], bs):
-            deformed = pos + self.decoder(pos, z[i:i + bs])
-            dists.append(((deformed - self.initial_positions) ** 2).sum(-1).mean(-1))
-        distance = torch.cat(dists)
-        k = min(int(self.config["consensus_particles"]), distance.shape[0])
-        chosen = torch.topk(distance, k, largest=False).indices
+        chosen, _ = closest_to_initial(self.decoder, pos, self.initial_positions, z,
+                                       int(self.config["consensus_particles"]), batch_size=bs)
+        k = len(chosen)
         new = torch.zeros_like(pos)
         for i in range(0, k, bs):
             new += (pos + self.decoder(pos, z[chosen[i:i + bs]])).sum(0)

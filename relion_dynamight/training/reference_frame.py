@@ -34,11 +34,11 @@ def closest_to_initial(decoder: torch.nn.Module, centres: Tensor, initial: Tenso
     for start in range(0, latents.shape[0], batch_size):
         z = latents[start:start + batch_size].to(device=device, dtype=torch.float32)
         deformed = centres[None] + decoder(centres, z)
-        dists.append((deformed - initial.to(device)[None]).pow(2).sum(-1).mean(-1).sqrt().cpu())
-    distance = torch.cat(dists)
-    k = max(1, min(int(k), distance.shape[0]))
-    chosen = torch.topk(distance, k, largest=False)
-    return chosen.indices, chosen.values
+        dists.append((deformed - initial.to(device)[None]).pow(2).sum(-1).mean(-1))
+    squared = torch.cat(dists)
+    k = max(1, min(int(k), squared.shape[0]))
+    chosen = torch.topk(squared, k, largest=False)
+    return chosen.indices, chosen.values.sqrt()
 
 
 @torch.no_grad()
