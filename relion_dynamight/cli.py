@@ -164,6 +164,12 @@ def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any)
 @click.option("--preload-images", is_flag=True)
 @click.option("--group-resolution", type=float, default=0.5, show_default=True,
               help="Particles whose deformations agree within this RMS (pixels) share one warp; 0 = one per particle.")
+@click.option("--max-groups", type=int, default=128, show_default=True,
+              help="At most this many warps per half set (the groups with the largest spread are split first); "
+                   "0 = no limit.")
+@click.option("--regional-choice/--no-regional-choice", default=True, show_default=True,
+              help="Region by region, keep the deformation-corrected map only where its half maps agree better "
+                   "than the standard ones; elsewhere keep the standard reconstruction.")
 @click.option("--field-spacing", type=float, default=2.0, show_default=True,
               help="Grid spacing (pixels) on which the inverse deformation is evaluated before up-sampling.")
 @click.option("--interpolation", type=click.Choice(["cubic", "linear"]), default="cubic", show_default=True,
@@ -228,9 +234,17 @@ def reconstruct(pipeline_control: Path | None, **options: Any) -> None:
 @click.option("--box", type=int, default=64, show_default=True)
 @click.option("--pixel-size", type=float, default=3.0, show_default=True)
 @click.option("--snr", type=float, default=0.1, show_default=True, help="Signal-to-noise ratio (variance); 0 = no noise.")
-@click.option("--motion", type=click.Choice(["hinge", "none"]), default="hinge", show_default=True)
+@click.option("--motion", type=click.Choice(["hinge", "none", "adk"]), default="hinge", show_default=True,
+              help="hinge: one domain turns ±20°; adk: adenylate kinase's LID and NMP domains between its closed "
+                   "(1AKE) and open (4AKE) structures; none: one conformation.")
 @click.option("--pdb", type=click.Path(path_type=Path), default=None, help="Atomic model (PDB/mmCIF) as phantom.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--envelope-bfactor", type=float, default=0.0, show_default=True,
+              help="B-factor (Å²) of an envelope on the images that the STAR file does not state.")
+@click.option("--snr-region", type=click.Choice(["box", "disc"]), default="box", show_default=True,
+              help="Where the signal variance of --snr is measured: the whole box or the particle's disc.")
+@click.option("--limit", is_flag=True, help="Also write the same particles all in the reference conformation "
+                                            "(truth/limit/particles.star): the best a flexibility correction can do.")
 @pipeline_control_option
 def simulate(pipeline_control: Path | None, **options: Any) -> None:
     """Write a RELION project with a flexible synthetic data set whose truth is known."""

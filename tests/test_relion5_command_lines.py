@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from relion_dynamight.launcher import normalize_argv
+from relion_dynamight.relion import relion5_lines
 from relion_dynamight.relion.jobdir import job_dir_from_argv, read_output_nodes
 from tests.conftest import run_cli
 
@@ -23,46 +24,18 @@ MAP = "Refine3D/job010/run_class001.mrc"
 CKPT = "DynaMight/job012/forward_deformations/checkpoints/checkpoint_final.pth"
 
 
-def new_job(n_gaussians: int = 10000, threshold: str = "", preload: bool = False, gpu: str = "0",
-            other: str = "", threads: int = 1, job: str = JOB, star: str = STAR, volume: str = MAP) -> str:
-    """The string RELION 5's getCommandsDynaMightJob builds for a new job (same spacing)."""
-    cmd = EXE + " optimize-deformations "
-    cmd += " --refinement-star-file " + star + " --output-directory " + job + " --initial-model " + volume
-    cmd += " --n-gaussians " + str(n_gaussians)
-    if threshold:
-        cmd += " --initial-threshold " + threshold
-    cmd += " --regularization-factor 1 --n-threads " + str(threads)
-    if preload:
-        cmd += " --preload-images "
-    if gpu:
-        cmd += " --gpu-id " + gpu
-    return cmd + " " + other + " --pipeline-control " + job
+def new_job(*args, **kwargs) -> str:
+    """RELION 5's new-job line (:func:`relion_dynamight.relion.relion5_lines.new_job`) for this file's job."""
+    kwargs.setdefault("job", JOB)
+    kwargs.setdefault("star", STAR)
+    kwargs.setdefault("volume", MAP)
+    return relion5_lines.new_job(*args, exe=EXE, **kwargs)
 
 
-def continue_job(task: str, checkpoint: str = "", preload: bool = False, store: bool = False, gpu: str = "0",
-                 other: str = "", job: str = JOB, half_set: int = 1, epochs: int = 200, batch: int = 10) -> str:
-    """The string RELION 5 builds for "Continue" with exactly one task ticked."""
-    if task == "visualize":
-        cmd = EXE + " explore-latent-space " + job + " --half-set " + str(half_set)
-        if checkpoint:
-            cmd += " --checkpoint-file " + checkpoint
-    elif task == "inverse":
-        cmd = EXE + " optimize-inverse-deformations " + job + " --n-epochs " + str(epochs)
-        if checkpoint:
-            cmd += " --checkpoint-file " + checkpoint
-        if store:
-            cmd += " --save-deformations "
-        if preload:
-            cmd += " --preload-images"
-    else:
-        cmd = EXE + " deformable-backprojection " + job + " --batch-size " + str(batch)
-        if checkpoint:
-            cmd += " --checkpoint-file " + checkpoint
-        if preload:
-            cmd += " --preload-images"
-    if gpu:
-        cmd += " --gpu-id " + gpu
-    return cmd + " " + other + " --pipeline-control " + job
+def continue_job(*args, **kwargs) -> str:
+    """RELION 5's "Continue" line (:func:`relion_dynamight.relion.relion5_lines.continue_job`)."""
+    kwargs.setdefault("job", JOB)
+    return relion5_lines.continue_job(*args, exe=EXE, **kwargs)
 
 
 REAL_NOTE = ("relion_python_dynamight optimize-deformations  --refinement-star-file Refine3D/job034/run_data.star "

@@ -8,8 +8,8 @@ Per half set, only that half's particles and networks are used (gold standard):
 2. per group: Fourier insertion of the members' CTF-multiplied images, one inverse FFT, one warp into the
    consensus frame with the group representative's deformation (inverse network on a coarse grid,
    inverted, up-sampled: :func:`relion_dynamight.training.inverse.dense_forward_positions`);
-3. sum over groups, divide by the undeformed CTF² weights (with an FSC-based Wiener term computed from a
-   first, unregularised pass of both halves, as RELION's refinement does) and gridding-correct.
+3. sum over groups, divide by the undeformed CTF² weights (RELION's unregularised Pipe & Menon division, as
+   ``reconstruct`` and ``relion_reconstruct``) and gridding-correct.
 
 Groups are shared out over MPI ranks by size; the sums are reduced on every rank; rank 0 writes
 ``DIR/backprojection/``: ``map_half1.mrc``, ``map_half2.mrc``, ``map.mrc`` (their average),
@@ -37,6 +37,9 @@ log = logging.getLogger("relion_dynamight")
 HALFMAP_LABEL = "DensityMap.mrc.relion.halfmap.dynamight"
 #: RMS deformation mismatch (pixels) allowed inside a group; chosen by measurement (README, benchmark).
 DEFAULT_GROUP_RESOLUTION = 0.5
+#: At most this many groups (warps) per half: each costs one padded inverse FFT and warp, so this bounds the
+#: job at a few times a plain reconstruction whatever the motion (README, "Backprojection for large motions").
+DEFAULT_MAX_GROUPS = 128
 #: Spacing (pixels) of the coarse grid on which the inverse network is evaluated (the paper uses 2).
 DEFAULT_FIELD_SPACING = 2.0
 N_PROBES = 256
@@ -91,7 +94,8 @@ def backproject_groups(data: Any, rows: np.ndarray, labels: np.ndarray,
     return bp
 
 
-def group_half(net: Any, centres: Tensor, latents: Tensor, tolerance: float) -> tuple[np.ndarray, Tensor, Tensor]:
+def group_half(net: Any, centres: Tensor, latents: Tensor, tolerance: float,
+               max_groups: int | None = None) -> tuple[np.ndarray, Tensor, Tensor]:
     """``(labels (P,), representative index per group (G,), spreads (G,))`` for one half's latents."""
     from relion_dynamight.imaging.grouping import group_by_deformation, group_representatives, group_spreads
     from relion_dynamight.training.inverse import probe_displacements
@@ -99,7 +103,7 @@ def group_half(net: Any, centres: Tensor, latents: Tensor, tolerance: float) -> 
     m = centres.shape[0]
     probes = centres[torch.linspace(0, m - 1, min(m, N_PROBES)).round().long().unique()]
     feats = probe_displacements(net, probes, latents)
-    labels = group_by_deformation(feats, tolerance)
+    labels = group_by_deformation(feats, tolerance, max_groups if max_groups and max_groups > 0 else None)
     return labels.numpy(), group_representatives(feats, labels), group_spreads(feats, labels)
 
 
@@ -107,7 +111,8 @@ def group_half(net: Any, centres: Tensor, latents: Tensor, tolerance: float) -> 
 def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file: Path | None = None,
         preload_images: bool = False, gpu_id: str = "", group_resolution: float = DEFAULT_GROUP_RESOLUTION,
         field_spacing: float = DEFAULT_FIELD_SPACING, map_frame: str = "initial",
-        interpolation: str = "cubic") -> list[tuple[str, str]]:
+        interpolation: str = "cubic", max_groups: int = DEFAULT_MAX_GROUPS,
+        regional_choice: bool = True) -> list[tuple[str, str]]:
     """Compute and write the improved half maps; returns their output nodes.
 
     ``map_frame``: ``"initial"`` writes the maps in the conformation of the consensus refinement
@@ -125,6 +130,8 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
         raise InputError(f"--batch-size {batch_size} must be at least 1")
     if not group_resolution >= 0:
         raise InputError(f"--group-resolution {group_resolution} must be >= 0 px (0 = one group per particle)")
+    if max_groups < 0:
+        raise InputError(f"--max-groups {max_groups} must be >= 0 (0 = no limit)")
     if not field_spacing > 0:
         raise InputError(f"--field-spacing {field_spacing} must be > 0 px")
     if map_frame not in ("initial", "consensus"):
@@ -145,7 +152,7 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
         rows = np.flatnonzero(inputs.half == h)
         net = inv.inverse_net_from_file(infos[h], device)
         latents = inputs.latents[rows]
-        labels, reps, spreads = group_half(net, infos[h]["centres"].to(device), latents, group_resolution)
+        labels, reps, spreads = group_half(net, infos[h]["centres"].to(device), latents, group_resolution, max_groups)
         log.info("Half %d: %d particles in %d groups (largest spread %.2f px)", h, len(rows), len(reps),
                  float(spreads.max()) if len(spreads) else 0.0)
         residuals: list[float] = []
@@ -167,7 +174,8 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
     if comm.rank != 0:
         return []
     pixel = float(inputs.config.get("pixel_size") or float(data.pixel_sizes[0]))
-    return write_maps(out, results, box, pixel)
+    points = inputs.state["initial"]["positions"].float() if regional_choice else None
+    return write_maps(out, results, box, pixel, points)
 
 
 def reference_frame(inputs: inv.ForwardInputs, half: int, net: Any, latents: Tensor, device: torch.device,
@@ -218,34 +226,80 @@ def _particles(inputs: inv.ForwardInputs, preload: bool) -> Any:
     return data
 
 
-def write_maps(out: Path, results: dict[int, Any], box: int, pixel: float) -> list[tuple[str, str]]:
-    """Reconstruct (two passes: plain, then with the FSC-based Wiener term) and write all outputs."""
-    from relion_dynamight.imaging.backprojection import wiener_term_from_fsc
-    from relion_dynamight.imaging.fourier import fsc
+def write_maps(out: Path, results: dict[int, Any], box: int, pixel: float,
+               regions_from: Tensor | None = None) -> list[tuple[str, str]]:
+    """Reconstruct each half (RELION's unregularised division, as ``reconstruct``) and write all outputs.
+
+    No FSC-based Wiener term: on the padded grid a per-shell term that grows steeply where the half-map FSC
+    falls leaks, after the real-space crop, low-resolution signal into the high shells; measured at SNR 0.02
+    (box 64, 4,000 particles per half) it cut the FSC against the true map at ¼–½ Nyquist (e.g. 0.13 → −0.01)
+    while a constant term of any size did not (README, "Improved maps you can trust").  The standard maps are
+    therefore exactly ``relion_dynamight reconstruct --halves`` of the same particles.
+
+    ``regions_from`` (model points ``(M, 3)``, px): split the model into regions and keep the
+    deformation-corrected maps only in the regions where their half maps hold more information than the
+    standard ones (:mod:`relion_dynamight.analysis.regions`); the unblended maps are kept as
+    ``deformed_half*.mrc``.  None: the deformation-corrected maps everywhere.
+    """
+    from relion_dynamight.imaging.fourier import fsc, resolution_at
     from relion_dynamight.relion.mrc import write_map
 
     folder = backprojection_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
-    first = {h: results[h].reconstruct() for h in (1, 2)}
-    curve = fsc(first[1], first[2])
-    maps = {}
+    deformed = {h: results[h].reconstruct() for h in (1, 2)}
+    standard = {h: results[h].standard_reconstruction() for h in (1, 2)}
+    maps = dict(deformed)
+    if regions_from is not None:
+        maps = _regional(folder, deformed, standard, regions_from, pixel)
     for h in (1, 2):
-        wiener = wiener_term_from_fsc(results[h].weight_grid(), curve, box)
-        maps[h] = results[h].reconstruct(wiener=wiener)
-        standard = results[h].standard_reconstruction(wiener=wiener)
         write_map(folder / f"map_half{h}.mrc", maps[h].cpu().numpy(), pixel)
-        write_map(folder / f"standard_half{h}.mrc", standard.cpu().numpy(), pixel)
+        write_map(folder / f"standard_half{h}.mrc", standard[h].cpu().numpy(), pixel)
     write_map(folder / "map.mrc", (0.5 * (maps[1] + maps[2])).cpu().numpy(), pixel)
     final = fsc(maps[1], maps[2])
-    write_fsc(folder, final, box, pixel)
-    from relion_dynamight.imaging.fourier import resolution_at
-
-    log.info("Half-map FSC = 0.143 at %.2f A; maps in %s", resolution_at(final, 0.143, box, pixel), folder)
+    plain = fsc(standard[1], standard[2])
+    write_fsc(folder, final, box, pixel, standard=plain)
+    log.info("Half-map FSC = 0.143 at %.2f A (improved maps) and %.2f A (standard, the same particles); "
+             "maps in %s", resolution_at(final, 0.143, box, pixel), resolution_at(plain, 0.143, box, pixel), folder)
     return [(str(folder / "map_half1.mrc"), HALFMAP_LABEL), (str(folder / "map_half2.mrc"), HALFMAP_LABEL)]
 
 
-def write_fsc(folder: Path, curve: Tensor, box: int, pixel: float) -> None:
-    """``fsc.star`` (RELION's columns) and ``fsc.png``."""
+def _regional(folder: Path, deformed: dict[int, Tensor], standard: dict[int, Tensor], points: Tensor,
+              pixel: float) -> dict[int, Tensor]:
+    """The per-region choice (see :func:`write_maps`); writes ``deformed_half*.mrc`` and ``regions.star``."""
+    from relion_dynamight.analysis.regions import blend, regional_choice
+    from relion_dynamight.relion.mrc import write_map
+
+    cpu = {h: (deformed[h].cpu(), standard[h].cpu()) for h in (1, 2)}
+    choice = regional_choice((cpu[1][1], cpu[2][1]), (cpu[1][0], cpu[2][0]), points.cpu())
+    alpha = choice.alpha()
+    for h in (1, 2):
+        write_map(folder / f"deformed_half{h}.mrc", cpu[h][0].numpy(), pixel)
+    _write_regions(folder, choice)
+    kept = int(choice.use_second.sum())
+    log.info("Regional choice: the deformation-corrected map is kept in %d of %d regions (%.0f%% of the model's "
+             "volume); elsewhere the standard reconstruction (deformed_half*.mrc: corrected everywhere)", kept,
+             len(choice.use_second), 100 * float(alpha.sum() / choice.weights.sum().clamp_min(1e-12)))
+    if kept == 0:
+        log.warning("WARNING: in no region did the deformation-corrected half maps agree better than the standard "
+                    "ones: the learned deformations do not improve this reconstruction, so map_half*.mrc are the "
+                    "standard maps")
+    return {h: blend(cpu[h][1], cpu[h][0], alpha) for h in (1, 2)}
+
+
+def _write_regions(folder: Path, choice: Any) -> None:
+    """``regions.star``: per region its volume (voxels), the two information values and the choice."""
+    from relion_dynamight.relion.jobdir import atomic_write_text
+
+    lines = ["", "# version 30001", "", "data_regions", "", "loop_", "_dmRegion #1", "_dmRegionVolume #2",
+             "_dmInformationStandard #3", "_dmInformationDeformed #4", "_dmDeformedKept #5"]
+    for k in range(len(choice.use_second)):
+        lines.append(f"{k + 1} {float(choice.weights[k].sum()):.1f} {float(choice.info_first[k]):.3f} "
+                     f"{float(choice.info_second[k]):.3f} {int(choice.use_second[k])}")
+    atomic_write_text(folder / "regions.star", "\n".join(lines) + "\n\n")
+
+
+def write_fsc(folder: Path, curve: Tensor, box: int, pixel: float, standard: Tensor | None = None) -> None:
+    """``fsc.star`` (RELION's columns) and ``fsc.png`` (with the standard maps' curve when given)."""
     from relion_dynamight.relion.jobdir import atomic_write_text
 
     lines = ["", "# version 30001", "", "data_fsc", "", "loop_", "_rlnSpectralIndex #1", "_rlnResolution #2",
@@ -264,6 +318,8 @@ def write_fsc(folder: Path, curve: Tensor, box: int, pixel: float) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(res, curve.tolist(), label="half maps (deformation-corrected)")
+    if standard is not None:
+        ax.plot(res, standard.tolist(), color="grey", lw=1, label="standard half maps (same particles)")
     ax.axhline(0.143, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("resolution (1/Å)")
     ax.set_ylabel("FSC")

@@ -44,7 +44,7 @@ import starfile
 import torch
 from torch import Tensor
 
-from relion_dynamight.analysis.phantom import Phantom, builtin_phantom, load_phantom, phantom_from_atoms
+from relion_dynamight.analysis.phantom import Phantom, adk_phantom, builtin_phantom, load_phantom, phantom_from_atoms
 from relion_dynamight.errors import InputError
 from relion_dynamight.imaging.ctf import CtfParams, ctf_2d
 from relion_dynamight.imaging.fourier import fsc as fourier_shell_correlation
@@ -59,7 +59,11 @@ EXTRACT_DIR = "Extract/job001"
 RUN_DATA = f"{REFINE_DIR}/run_data.star"
 CONSENSUS = f"{REFINE_DIR}/run_class001.mrc"
 HALF_MAPS = (f"{REFINE_DIR}/run_half1_class001_unfil.mrc", f"{REFINE_DIR}/run_half2_class001_unfil.mrc")
-MOTIONS = ("hinge", "none")
+LIMIT_DIR = "truth/limit"
+LIMIT_STAR = f"{LIMIT_DIR}/particles.star"
+MOTIONS = ("hinge", "none", "adk")
+#: Conformation coordinate range of the adenylate-kinase path: −0.5 closed … +0.5 open.
+ADK_RANGE = 0.5
 
 #: The two optics groups: same pixel size and box, different microscopes.
 OPTICS = (
@@ -74,7 +78,8 @@ OPTICS = (
 # entry points
 # ---------------------------------------------------------------------------------------------
 def run(job: object, output: Path, n_particles: int = 2000, box: int = 64, pixel_size: float = 3.0,
-        snr: float = 0.1, motion: str = "hinge", pdb: Path | None = None, seed: int = 0) -> None:
+        snr: float = 0.1, motion: str = "hinge", pdb: Path | None = None, seed: int = 0,
+        envelope_bfactor: float = 0.0, snr_region: str = "box", limit: bool = False) -> None:
     """CLI task: refuse to overwrite an existing project, then :func:`simulate_project`."""
     out = Path(output)
     for existing in (RUN_DATA, "default_pipeline.star"):
@@ -82,7 +87,8 @@ def run(job: object, output: Path, n_particles: int = 2000, box: int = 64, pixel
             raise InputError(f"{out / existing}: already exists; choose a new --o directory or delete it")
     check = getattr(job, "check_abort", None)
     result = simulate_project(out, n_particles=n_particles, box=box, pixel_size=pixel_size, snr=snr, motion=motion,
-                              pdb=pdb, seed=seed, check_abort=check)
+                              pdb=pdb, seed=seed, envelope_bfactor=envelope_bfactor, snr_region=snr_region,
+                              limit=limit, check_abort=check)
     log.info("Simulated %d particles (box %d, %.3g Å/px, SNR %g, motion %s) in %s", n_particles, box, pixel_size,
              snr, motion, out)
     log.info("Particles: %s; consensus map: %s; truth: %s", result["star"], result["consensus"], result["truth"])
@@ -92,7 +98,8 @@ def run(job: object, output: Path, n_particles: int = 2000, box: int = 64, pixel
 def simulate_project(out_dir: Path, n_particles: int = 2000, box: int = 64, pixel_size: float = 3.0,
                      snr: float = 0.1, motion: str = "hinge", pdb: Path | None = None, seed: int = 0, *,
                      max_angle: float = 20.0, max_shift: float = 3.0, float16_groups: Sequence[int] = (2,),
-                     n_micrographs: int | None = None, batch_size: int = 256,
+                     n_micrographs: int | None = None, batch_size: int = 256, envelope_bfactor: float = 0.0,
+                     snr_region: str = "box", limit: bool = False,
                      check_abort: Callable[[], None] | None = None) -> dict:
     """Write a simulated RELION project into ``out_dir`` (see module docstring) and describe it.
 
@@ -102,41 +109,86 @@ def simulate_project(out_dir: Path, n_particles: int = 2000, box: int = 64, pixe
     particle DataFrame), ``noise_sigma``, ``fsc`` (half-map FSC per shell), ``reconstruction`` (how
     the maps were made).  ``float16_groups=()`` writes float32 stacks only (RELION 3.1 cannot read
     float16).  ``check_abort`` is called between batches.
+
+    Realism options: ``motion="adk"`` (adenylate kinase's LID and NMP domains between its closed and open
+    structures, :func:`~relion_dynamight.analysis.phantom.adk_phantom`; coordinate uniform in ±0.5);
+    ``envelope_bfactor`` (Å²) damps the images by ``exp(−B s²/4)`` without saying so in the STAR file (the
+    data's own envelope); ``snr_region="disc"`` measures the signal variance inside the particle's disc (its
+    largest radius over the motion plus 3 σ) instead of the whole box; ``limit=True`` also writes the same
+    particles (poses, CTFs, envelope and noise) all in the reference conformation: ``truth/limit/particles.star``
+    with its stacks, the best any flexibility correction can do.
     """
     _validate(n_particles, box, pixel_size, snr, motion, max_angle, float16_groups)
+    if snr_region not in ("box", "disc"):
+        raise InputError(f"--snr-region {snr_region!r}: use 'box' or 'disc'")
+    if not envelope_bfactor >= 0 or not math.isfinite(envelope_bfactor):
+        raise InputError(f"--envelope-bfactor {envelope_bfactor}: must be a finite B-factor >= 0 (Å²)")
     out_dir = Path(out_dir)
-    phantom = phantom_from_atoms(Path(pdb), box, pixel_size) if pdb else builtin_phantom(box, pixel_size)
+    phantom = _phantom(motion, pdb, box, pixel_size)
+    spread = ADK_RANGE if motion == "adk" else max_angle
     rng = np.random.default_rng(seed)
     n_mics = n_micrographs or int(np.clip(n_particles // 40, 4, 500))
     n_mics = max(2, min(n_mics, n_particles))
     optics = _optics_table(box, pixel_size)
-    particles, angles = _particle_table(n_particles, n_mics, pixel_size, motion, max_angle, max_shift, rng)
+    particles, angles = _particle_table(n_particles, n_mics, pixel_size, motion, spread, max_shift, rng)
     writer = _StackWriter(out_dir, particles, pixel_size, tuple(float16_groups))
+    limit_writer = _StackWriter(out_dir, _limit_names(particles), pixel_size, tuple(float16_groups)) if limit else None
     noise_gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     accumulators = _new_accumulators(box)
     noise_sigma: float | None = None if snr > 0 else 0.0
+    disc = _disc(phantom, spread if motion != "none" else 0.0, box) if snr_region == "disc" else None
     for rows in writer.batches(batch_size, phantom.positions.shape[0]):
         if check_abort is not None:
             check_abort()
-        clean = _clean_images(phantom, particles.iloc[rows], optics, angles[rows], box, pixel_size)
+        clean = _clean_images(phantom, particles.iloc[rows], optics, angles[rows], box, pixel_size, envelope_bfactor)
         if noise_sigma is None:
-            noise_sigma = math.sqrt(float(clean.var(dim=(-2, -1)).mean()) / snr)
-        noisy = clean + noise_sigma * torch.randn(clean.shape, generator=noise_gen, dtype=clean.dtype)
-        written = writer.write(rows, noisy.numpy())
+            signal = clean[:, disc] if disc is not None else clean.flatten(1)
+            noise_sigma = math.sqrt(float(signal.var(dim=-1).mean()) / snr)
+        noise = noise_sigma * torch.randn(clean.shape, generator=noise_gen, dtype=clean.dtype)
+        written = writer.write(rows, (clean + noise).numpy())
         _insert(accumulators, particles.iloc[rows], optics, torch.from_numpy(written), box, pixel_size)
+        if limit_writer is not None:
+            still = _clean_images(phantom, particles.iloc[rows], optics, np.zeros(len(rows)), box, pixel_size,
+                                  envelope_bfactor)
+            limit_writer.write(rows, (still + noise).numpy())
     _write_star(out_dir / RUN_DATA, optics, particles)
+    if limit:
+        _write_star(out_dir / LIMIT_STAR, optics, _limit_names(particles))
     half1, half2, consensus, curve, how = _reconstruct(accumulators, phantom, angles, particles, box)
     paths = {"consensus": write_map(out_dir / CONSENSUS, consensus.numpy(), pixel_size),
              "half1": write_map(out_dir / HALF_MAPS[0], half1.numpy(), pixel_size),
              "half2": write_map(out_dir / HALF_MAPS[1], half2.numpy(), pixel_size)}
-    truth = _write_truth(out_dir / "truth", phantom, particles, angles, motion, max_angle, snr,
-                         float(noise_sigma or 0.0), seed)
+    truth = _write_truth(out_dir / "truth", phantom, particles, angles, motion, spread, snr,
+                         float(noise_sigma or 0.0), seed, envelope_bfactor, snr_region)
     pipeline = _write_pipeline(out_dir)
     (out_dir / REFINE_DIR / "RELION_JOB_EXIT_SUCCESS").touch()
     return {"project": out_dir, "star": out_dir / RUN_DATA, **paths, "truth": out_dir / "truth", "pipeline": pipeline,
             "reference_map": truth["reference_map"], "motion_maps": truth["motion_maps"], "phantom": phantom,
             "hinge_angles": angles, "particles": particles, "noise_sigma": float(noise_sigma or 0.0),
             "fsc": curve.tolist(), "reconstruction": how}
+
+
+def _phantom(motion: str, pdb: Path | None, box: int, pixel_size: float) -> Phantom:
+    if motion == "adk":
+        if pdb:
+            raise InputError("--motion adk uses the shipped adenylate kinase structures; drop --pdb")
+        return adk_phantom(box, pixel_size)
+    return phantom_from_atoms(Path(pdb), box, pixel_size) if pdb else builtin_phantom(box, pixel_size)
+
+
+def _disc(phantom: Phantom, spread: float, box: int) -> Tensor:
+    """Pixels ``(box, box)`` bool inside the particle's largest radius over the motion (+3 σ)."""
+    coords = torch.tensor([-spread, 0.0, spread], dtype=torch.float64)
+    radius = float(phantom.true_positions(coords).norm(dim=-1).max()) + 3 * float(phantom.widths.max())
+    c = torch.arange(box, dtype=torch.float64) - box // 2
+    return (c[:, None] ** 2 + c[None, :] ** 2) <= min(radius, box / 2) ** 2
+
+
+def _limit_names(particles: pd.DataFrame) -> pd.DataFrame:
+    """The particle table with image names in ``truth/limit/`` (the same particles in one conformation)."""
+    out = particles.copy()
+    out["rlnImageName"] = out["rlnImageName"].str.replace(f"@{EXTRACT_DIR}/", f"@{LIMIT_DIR}/", regex=False)
+    return out
 
 
 def true_positions(truth: Path | Phantom, angles_deg: Tensor | float) -> Tensor:
@@ -215,7 +267,7 @@ def _particle_table(n: int, n_mics: int, pixel: float, motion: str, max_angle: f
     dang = rng.uniform(-180.0, 180.0, n_mics)
     rot, tilt, psi = (np.round(a.numpy(), 6) for a in matrix_to_euler(torch.from_numpy(random_rotations(n, rng))))
     origins = np.round(rng.uniform(-max_shift, max_shift, (n, 2)) * pixel, 6)
-    angles = rng.uniform(-max_angle, max_angle, n) if motion == "hinge" else np.zeros(n)
+    angles = rng.uniform(-max_angle, max_angle, n) if motion != "none" else np.zeros(n)
     stack_index = np.zeros(n, dtype=np.int64)
     for j in range(n_mics):
         members = np.nonzero(mic_of == j)[0]
@@ -263,10 +315,14 @@ def _poses(particles: pd.DataFrame, pixel: float) -> tuple[Tensor, Tensor]:
 # images
 # ---------------------------------------------------------------------------------------------
 def _clean_images(phantom: Phantom, particles: pd.DataFrame, optics: pd.DataFrame, angles: np.ndarray,
-                  box: int, pixel: float) -> Tensor:
-    """Noise-free images ``(B, box, box)`` float32: CTF · projection of each particle's conformation."""
+                  box: int, pixel: float, envelope_bfactor: float = 0.0) -> Tensor:
+    """Noise-free images ``(B, box, box)`` float32: CTF · projection of each particle's conformation.
+
+    ``envelope_bfactor`` (Å²) adds an envelope ``exp(−B s²/4)`` that the STAR file does not state."""
     rotations, origins = _poses(particles, pixel)
-    ctf = ctf_2d(_ctf_of(particles, optics, pixel), box)
+    params = _ctf_of(particles, optics, pixel)
+    params.bfactor = params.bfactor + float(envelope_bfactor)
+    ctf = ctf_2d(params, box)
     positions = phantom.true_positions(torch.from_numpy(np.asarray(angles, dtype=np.float64))).float()
     spectra = project_gaussians(positions, phantom.amplitudes.float(), phantom.widths.float(), rotations.float(), box,
                                 origins.float(), ctf, oversample=2)
@@ -386,26 +442,31 @@ def _write_star(path: Path, optics: pd.DataFrame, particles: pd.DataFrame) -> No
 
 
 def _write_truth(truth_dir: Path, phantom: Phantom, particles: pd.DataFrame, angles: np.ndarray, motion: str,
-                 max_angle: float, snr: float, noise_sigma: float, seed: int) -> dict:
+                 max_angle: float, snr: float, noise_sigma: float, seed: int, envelope_bfactor: float = 0.0,
+                 snr_region: str = "box") -> dict:
+    """``particles.csv`` (conformation coordinate per particle), true maps and ``phantom.json``."""
     truth_dir.mkdir(parents=True, exist_ok=True)
     table = particles[["rlnImageName", "rlnMicrographName", "rlnOpticsGroup", "rlnRandomSubset", "rlnAngleRot",
                        "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnDefocusU",
                        "rlnDefocusV", "rlnDefocusAngle"]].copy()
     table.insert(0, "hinge_angle", angles)
     table.to_csv(truth_dir / "particles.csv", index=False)
-    limit = max_angle if motion == "hinge" else 0.0
-    motion_angles = np.linspace(-limit, limit, 5) if motion == "hinge" else np.zeros(1)
+    limit = max_angle if motion != "none" else 0.0
+    motion_angles = np.linspace(-limit, limit, 5) if motion != "none" else np.zeros(1)
+    unit = "degrees" if motion == "hinge" else "(−0.5 closed, +0.5 open)" if motion == "adk" else ""
     reference = write_map(truth_dir / "map_reference.mrc", _render(phantom, 0.0), phantom.pixel_size)
     maps = []
     for k, a in enumerate(motion_angles):
         maps.append((float(a), write_map(truth_dir / f"map_motion_{k}.mrc", _render(phantom, float(a)),
                                          phantom.pixel_size)))
     phantom.save(truth_dir / "phantom.json", extra={
-        "motion": motion, "max_angle": limit, "angle_distribution": f"uniform in [-{limit}, {limit}] degrees",
-        "snr": snr, "noise_sigma": noise_sigma, "seed": seed,
+        "motion": motion, "max_angle": limit, "angle_distribution": f"uniform in [-{limit}, {limit}] {unit}".strip(),
+        "snr": snr, "snr_region": snr_region, "noise_sigma": noise_sigma, "seed": seed,
+        "envelope_bfactor": envelope_bfactor,
         "reference_map": "map_reference.mrc",
         "motion_maps": [{"angle": a, "file": p.name} for a, p in maps],
-        "particles": "particles.csv (rows in Refine3D/job001/run_data.star order; hinge_angle in degrees)",
+        "particles": "particles.csv (rows in Refine3D/job001/run_data.star order; hinge_angle = the conformation "
+                     f"coordinate, {unit or 'always 0'})",
     })
     return {"reference_map": reference, "motion_maps": maps}
 

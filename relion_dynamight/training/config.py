@@ -39,6 +39,17 @@ def default_config(**overrides: Any) -> dict[str, Any]:
         "lr_networks": 1e-3,
         "encoder_hidden": [256, 128],
         "encoder_downsample": 2,
+        # the encoder sees CTF-phase-flipped images low-passed at this resolution (Å; None = off): conformations
+        # are told apart at low resolution, and above it a particle image at realistic SNR is noise.  Measured
+        # (README, "Learning at realistic SNR"): AdK at SNR 0.05, latent |ρ| per half 0.09 / 0.11 (raw images)
+        # → 0.28 / 0.58 (10 Å) and 0.46 / 0.63 (15 Å); the SNR-1 hinge at 3 Å/px 0.87 / 0.87 → 0.82 / 0.86 (10 Å)
+        # but 0.73 (15 Å)
+        "encoder_ctf_flip": True,
+        "encoder_lowpass": 10.0,
+        # upper bound of the recalibrated geometric weight λ: near the identity deformation the regulariser's
+        # gradient vanishes while the (noise-dominated) data gradient does not, so the plain ratio grows
+        # without bound (measured up to 2,459) and pins the decoder at zero displacement at low SNR
+        "lambda_max": None,
         # initial log σ² of the posterior: small noise so z carries the encoder's signal from the start
         "encoder_logvar_init": -4.0,
         "decoder_freqs": 10,

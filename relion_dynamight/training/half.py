@@ -83,6 +83,28 @@ def gaussian_from_tree(tree: dict[str, Any], device: torch.device) -> GaussianMo
     return GaussianModel.from_params(params)
 
 
+def encoder_filter(ctf: Tensor | None, premultiplied: Tensor | None, box: int, pixel: float,
+                   lowpass: float | None) -> Tensor:
+    """Fourier filter ``(B or 1, N, N//2+1)`` for the encoder's images: ``sign(CTF)`` (1 where the data are
+    CTF-premultiplied or no ``ctf`` is given) times a raised-cosine low-pass that falls from 1 at
+    0.8 / ``lowpass`` to 0 at 1 / ``lowpass`` (Å⁻¹; None = no low-pass)."""
+    from relion_dynamight.imaging.fourier import freq_grid_2d
+
+    out = torch.ones((1, box, box // 2 + 1))
+    if ctf is not None:
+        sign = torch.where(ctf < 0, -1.0, 1.0)
+        if premultiplied is not None:
+            sign = torch.where(premultiplied[:, None, None], torch.ones_like(sign), sign)
+        out = sign
+    if lowpass:
+        ky, kx = freq_grid_2d(box, device=out.device)
+        s = torch.sqrt(kx**2 + ky**2) / pixel                 # 1/Å
+        edge = 1.0 / lowpass
+        t = ((s - 0.8 * edge) / (0.2 * edge)).clamp(0.0, 1.0)
+        out = out * (0.5 + 0.5 * torch.cos(torch.pi * t))
+    return out
+
+
 class HalfModel:
     """Training state and epoch loop of one half set (see the module docstring)."""
 
@@ -164,9 +186,11 @@ class HalfModel:
 
     # -- pieces ----------------------------------------------------------------------------------
     def set_normalisation(self, data: Any, max_particles: int = 512) -> None:
-        """Image mean/std from (up to ``max_particles``) of this half's own training particles."""
+        """Mean/std of the encoder's input images (:meth:`encoder_input` before normalisation) from (up to
+        ``max_particles``) of this half's own training particles."""
         idx = self.train_idx[:max_particles]
-        images = data.batch(idx).images.double()
+        self.image_mean, self.image_std = 0.0, 1.0
+        images = self.encoder_input(data.batch(idx).to(self.device))[1].double()
         self.image_mean = float(images.mean())
         self.image_std = float(images.std().clamp_min(1e-12))
 
@@ -180,10 +204,29 @@ class HalfModel:
         return edges, rest, mean_neighbour_distance(pos)
 
     def encoder_input(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """``(observed spectra (B, N, N//2+1), normalised centred real images (B, N, N))``."""
+        """``(observed spectra (B, N, N//2+1), normalised centred real images (B, N, N))``.
+
+        The encoder's image is centred (shifted by +origin), phase-flipped with the particle's CTF (so that
+        contrast does not depend on the defocus; not for CTF-premultiplied data, whose CTF² is positive)
+        and low-pass filtered at ``encoder_lowpass`` Å (conformations are told apart at low resolution,
+        where the signal is; above it the image is noise): :func:`encoder_filter`.
+        """
         observed = rfft2_centered(batch.images.float())
-        centred = irfft2_centered(observed * shift_phase_2d(self.box, batch.shifts.float()), self.box)
+        spectrum = observed * shift_phase_2d(self.box, batch.shifts.float())
+        filt = self._encoder_filter(batch)
+        if filt is not None:
+            spectrum = spectrum * filt
+        centred = irfft2_centered(spectrum, self.box)
         return observed, (centred - self.image_mean) / self.image_std
+
+    def _encoder_filter(self, batch: Any) -> Tensor | None:
+        flip = bool(self.config.get("encoder_ctf_flip", False))
+        lowpass = self.config.get("encoder_lowpass")
+        if not flip and not lowpass:
+            return None
+        ctf = ctf_2d(batch.ctf, self.box) if flip else None
+        return encoder_filter(ctf, batch.ctf_premultiplied if flip else None, self.box,
+                              float(self.config["pixel_size"]), float(lowpass) if lowpass else None)
 
     def predict(self, batch: Any, positions: Tensor) -> Tensor:
         """Spectra of the (deformed) model ``positions`` ``(M, 3)`` or ``(B, M, 3)`` in the batch's poses."""
@@ -265,7 +308,8 @@ class HalfModel:
             if recalibrate:
                 lam = gradient_ratio_lambda(data, geo, self.decoder.parameters(),
                                             float(self.config["regularization_factor"]), default=self.lam)
-                self.lam = lam
+                cap = self.config.get("lambda_max")
+                self.lam = min(lam, float(cap)) if cap else lam
             loss = data + ramp * (float(self.config["beta"]) * kl + self.lam * geo)
             terms = {"data": float(data.detach()), "kl": float(kl.detach()), "geo": float(geo.detach())}
             optimisers = (self.opt_gaussians, self.opt_networks)

@@ -1,0 +1,106 @@
+"""Per-region choice between two reconstructions of the same particles, judged by their own half maps.
+
+The deformed backprojection only helps where the particles really move and where the learned deformations
+are right; elsewhere its warps add interpolation and field errors.  :func:`regional_choice` splits the
+model into regions, measures in each region how much information each pair of half maps holds (masked
+half-map FSC), and :func:`blend` keeps, region by region, the better of the two (soft edges, the same
+weights for both halves so that the result is still a pair of half maps).
+
+Conventions: maps are ``(N, N, N)`` ``[z, y, x]``; points are ``(M, 3)`` ``(x, y, z)`` pixels from the box
+centre (index ``N//2``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from relion_dynamight.imaging.fourier import fsc, shell_index_3d
+
+#: Voxels within this distance (px) of a model point belong to the model's regions.
+REGION_REACH = 3.0
+#: Width (px) of the raised-cosine edges of the region weights.
+REGION_EDGE = 3.0
+
+
+@dataclass
+class RegionalChoice:
+    """Region weights ``(K, N, N, N)`` (summing to ≤ 1, 0 in the solvent), per-region information of the two
+    half-map pairs ``(K,)``, and which pair each region takes (``use_second (K,)`` bool)."""
+
+    weights: Tensor
+    info_first: Tensor
+    info_second: Tensor
+    use_second: Tensor
+
+    def alpha(self) -> Tensor:
+        """Weight ``(N, N, N)`` of the second reconstruction (0 = first everywhere)."""
+        return (self.weights * self.use_second.to(self.weights.dtype)[:, None, None, None]).sum(0)
+
+
+def region_weights(points: Tensor, box: int, n_regions: int, seed: int = 0) -> Tensor:
+    """Soft partition ``(K, N, N, N)`` float32 of the model's envelope into ``K`` spatial regions.
+
+    The points are clustered by k-means (``K = min(n_regions, M)``); a voxel belongs to the region of its
+    nearest point, with weight 1 within :data:`REGION_REACH` px of the model, falling to 0 over
+    :data:`REGION_EDGE` px.  Region borders are softened by averaging the hard labels over a
+    ``REGION_EDGE``-wide neighbourhood so the weights sum to the envelope.
+    """
+    from relion_dynamight.analysis.latent import kmeans
+
+    pts = points.detach().float().cpu()
+    k = max(1, min(int(n_regions), pts.shape[0]))
+    labels = kmeans(pts, k, seed=seed)[1] if k > 1 else torch.zeros(pts.shape[0], dtype=torch.long)
+    axis = torch.arange(box, dtype=torch.float32) - box // 2
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+    dist, nearest = _nearest(grid, pts)
+    t = ((dist - REGION_REACH) / REGION_EDGE).clamp(0.0, 1.0)
+    envelope = (0.5 + 0.5 * torch.cos(math.pi * t)).reshape(box, box, box)
+    hard = torch.nn.functional.one_hot(labels[nearest], k).T.reshape(k, box, box, box).float()
+    width = max(1, int(round(REGION_EDGE)))
+    smooth = torch.nn.functional.avg_pool3d(hard[None], 2 * width + 1, stride=1, padding=width,
+                                            count_include_pad=False)[0]
+    smooth = smooth / smooth.sum(0, keepdim=True).clamp_min(1e-12)
+    return smooth * envelope
+
+
+def _nearest(grid: Tensor, points: Tensor, chunk: int = 32768) -> tuple[Tensor, Tensor]:
+    dist, idx = [], []
+    for i in range(0, grid.shape[0], chunk):
+        d = torch.cdist(grid[i:i + chunk], points)
+        v, j = d.min(dim=1)
+        dist.append(v)
+        idx.append(j)
+    return torch.cat(dist), torch.cat(idx)
+
+
+def information(half1: Tensor, half2: Tensor, mask: Tensor) -> float:
+    """Information in a masked pair of half maps: ``Σ_shells n_shell · log(1 + SSNR)``, ``SSNR = FSC/(1−FSC)``
+    from the masked half-map FSC (negative FSC counts as 0).  Larger is better; shells are weighted by
+    their number of Fourier voxels, so it rewards resolution, not only low-resolution agreement."""
+    box = half1.shape[-1]
+    curve = fsc(half1 * mask, half2 * mask).double().clamp(0.0, 0.999)[1:]
+    counts = torch.bincount(shell_index_3d(box).flatten(), minlength=box // 2 + 1)[1:box // 2 + 1].double()
+    return float((counts * torch.log1p(curve / (1 - curve))).sum())
+
+
+def regional_choice(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor], points: Tensor,
+                    n_regions: int = 12, margin: float = 0.01) -> RegionalChoice:
+    """Which of two half-map pairs holds more information (:func:`information`) in each region.
+
+    The second pair is taken where its information exceeds the first's by more than ``margin`` (a fraction
+    of the first's).  ``points``: the model that defines the regions (:func:`region_weights`).
+    """
+    weights = region_weights(points, first[0].shape[-1], n_regions)
+    info_1 = torch.tensor([information(first[0], first[1], w) for w in weights], dtype=torch.float64)
+    info_2 = torch.tensor([information(second[0], second[1], w) for w in weights], dtype=torch.float64)
+    use = info_2 > info_1 * (1 + margin)
+    return RegionalChoice(weights, info_1, info_2, use)
+
+
+def blend(first: Tensor, second: Tensor, alpha: Tensor) -> Tensor:
+    """``first + alpha · (second − first)`` (``alpha`` from :meth:`RegionalChoice.alpha`)."""
+    return first + alpha.to(first.dtype) * (second - first)
