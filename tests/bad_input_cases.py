@@ -396,6 +396,8 @@ def catalogue() -> list[Case]:
              base="trained", job=TRAINED),
         case("opt-backprojection-negative-group-resolution", nothing, backproject("--group-resolution", "-1"),
              "--group-resolution", base="trained", job=TRAINED),
+        case("opt-backprojection-negative-max-groups", nothing, backproject("--max-groups", "-3"),
+             "--max-groups", base="trained", job=TRAINED),
         case("opt-explore-half-set-5", nothing, explore("--half-set", "5"), "--half-set", base="trained",
              job=TRAINED),
         case("opt-explore-clusters-more-than-particles", nothing, explore("--clusters", "5000"), "--clusters",

@@ -247,18 +247,18 @@ def adk_phantom(box: int, pixel_size: float) -> Phantom:
     domains = tuple(DomainMotion(m, (p - centre) / pixel_size, u, theta, s / pixel_size)
                     for m, p, u, theta, s in screws)
     sigma = max(1.0, 1.5 / pixel_size)
-    extent = float(torch.stack([Phantom(positions, numbers, torch.full_like(numbers, sigma), domains[0].mask,
-                                        domains[0].point, domains[0].axis, box, pixel_size, "adk", domains)
-                                .true_positions(c).norm(dim=1).max() for c in (-0.5, 0.5)]).max()) + 3 * sigma
+    moving = torch.zeros_like(domains[0].mask)
+    for dom in domains:
+        moving |= dom.mask
+    phantom = Phantom(positions, numbers, torch.full_like(numbers, sigma), moving, domains[1].point,
+                      domains[1].axis, box, float(pixel_size), "adk (1AKE closed <-> 4AKE open)", domains)
+    ends = phantom.true_positions(torch.tensor([-0.5, 0.5], dtype=torch.float64))
+    extent = float(ends.norm(dim=-1).max()) + 3 * sigma
     if extent > box / 2 - 1:
         needed = 2 * math.ceil(extent + 1)
         raise InputError(f"adenylate kinase spans ±{extent * pixel_size:.0f} Å along its motion, more than the box of "
                          f"{box} × {pixel_size} Å; use --box {needed} or a larger --pixel-size")
-    moving = torch.zeros_like(domains[0].mask)
-    for dom in domains:
-        moving |= dom.mask
-    return Phantom(positions, numbers, torch.full_like(numbers, sigma), moving, domains[1].point, domains[1].axis,
-                   box, float(pixel_size), "adk (1AKE closed <-> 4AKE open)", domains)
+    return phantom
 
 
 def _read_adk() -> tuple[Tensor, Tensor, Tensor, Tensor]:

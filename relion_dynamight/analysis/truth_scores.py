@@ -4,7 +4,7 @@ Used by ``scripts/bench_science.py`` and the tests; nothing here is needed to ru
 
 Regions: voxels within :data:`REGION_RADIUS` px of the phantom's Gaussians in the reference conformation,
 split into *moving* (closer to a Gaussian of a moving domain) and *static* (closer to a static one); masks
-have a raised-cosine edge of :data:`EDGE` px.  Resolutions are read from masked FSC curves between a map
+have raised-cosine edges of :data:`EDGE` px (also across the moving/static split).  Resolutions are read from masked FSC curves between a map
 and the true map of the reference conformation (``truth/map_reference.mrc``) at ``FSC = 0.5``, interpolated
 linearly between shells (:func:`crossing`), in Å.
 
@@ -46,8 +46,12 @@ def region_masks(phantom: Phantom, box: int) -> dict[str, Tensor]:
     d_stat = _nearest(grid, phantom.positions[~phantom.moving])
     d_all = torch.minimum(d_move, d_stat)
     full = _soft(d_all)
-    moving = torch.where(d_move <= d_stat, full, torch.zeros_like(full))
-    static = torch.where(d_move > d_stat, full, torch.zeros_like(full))
+    # moving vs static: a raised-cosine split over ±EDGE px of (d_static − d_moving), so that no mask has a
+    # sharp edge (a sharp edge gives both masked maps the same high-frequency content and inflates the FSC)
+    t = ((d_stat - d_move) / (2 * EDGE)).clamp(-0.5, 0.5)
+    share = 0.5 + 0.5 * torch.sin(math.pi * t)
+    moving = full * share
+    static = full * (1 - share)
     shape = (box, box, box)
     return {"full": full.reshape(shape).float(), "moving": moving.reshape(shape).float(),
             "static": static.reshape(shape).float()}
@@ -86,10 +90,11 @@ def resolution_vs_truth(vol: Tensor, truth: Tensor, mask: Tensor, pixel: float, 
     return crossing(masked_fsc(vol, truth, mask), threshold, vol.shape[-1], pixel)
 
 
-def gap_closure(d_map: float, d_consensus: float, d_limit: float) -> float:
-    """``(1/d_map − 1/d_cons) / (1/d_limit − 1/d_cons)``; NaN when the limit is no better than the consensus."""
+def gap_closure(d_map: float, d_consensus: float, d_limit: float, least_gain: float = 0.02) -> float:
+    """``(1/d_map − 1/d_cons) / (1/d_limit − 1/d_cons)``; NaN when the limit gains less than ``least_gain``
+    (a fraction of ``1/d_cons``) over the consensus: there is no gap to close (e.g. a static region)."""
     gain = 1.0 / d_limit - 1.0 / d_consensus
-    return (1.0 / d_map - 1.0 / d_consensus) / gain if gain > 1e-9 else float("nan")
+    return (1.0 / d_map - 1.0 / d_consensus) / gain if gain > least_gain / d_consensus else float("nan")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

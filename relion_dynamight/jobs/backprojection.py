@@ -9,12 +9,17 @@ Per half set, only that half's particles and networks are used (gold standard):
    consensus frame with the group representative's deformation (inverse network on a coarse grid,
    inverted, up-sampled: :func:`relion_dynamight.training.inverse.dense_forward_positions`);
 3. sum over groups, divide by the undeformed CTF² weights (RELION's unregularised Pipe & Menon division, as
-   ``reconstruct`` and ``relion_reconstruct``) and gridding-correct.
+   ``reconstruct`` and ``relion_reconstruct``) and gridding-correct;
+4. region by region (k-means regions of the consensus refinement's Gaussian model), keep the
+   deformation-corrected map only where its half maps hold more information (masked half-map FSC) than the
+   standard ones (:mod:`relion_dynamight.analysis.regions`; ``--no-regional-choice`` keeps it everywhere):
+   where the particles do not move, or the learned deformations are wrong, the warps can only lose detail.
 
 Groups are shared out over MPI ranks by size; the sums are reduced on every rank; rank 0 writes
 ``DIR/backprojection/``: ``map_half1.mrc``, ``map_half2.mrc``, ``map.mrc`` (their average),
-``standard_half{1,2}.mrc`` (the same particles without deformation correction, for comparison),
-``fsc.star`` and ``fsc.png``.
+``standard_half{1,2}.mrc`` (the same particles without deformation correction: exactly ``reconstruct
+--halves``), ``deformed_half{1,2}.mrc`` (corrected everywhere) and ``regions.star`` (the choice per region),
+``fsc.star`` and ``fsc.png`` (with the standard maps' curve beside the improved one).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def default_config(**overrides: Any) -> dict[str, Any]:
         # upper bound of the recalibrated geometric weight λ: near the identity deformation the regulariser's
         # gradient vanishes while the (noise-dominated) data gradient does not, so the plain ratio grows
         # without bound (measured up to 2,459) and pins the decoder at zero displacement at low SNR
-        "lambda_max": None,
+        "lambda_max": 1.0,
         # initial log σ² of the posterior: small noise so z carries the encoder's signal from the start
         "encoder_logvar_init": -4.0,
         "decoder_freqs": 10,
