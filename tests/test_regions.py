@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from relion_dynamight.analysis.phantom import builtin_phantom
-from relion_dynamight.analysis.regions import blend, information, region_weights, regional_choice
+from relion_dynamight.analysis.regions import blend, fsc_shell, region_weights, regional_choice
 from relion_dynamight.imaging.gaussians import render_volume
 
 BOX, PIXEL = 32, 3.0
@@ -27,12 +27,13 @@ def test_region_weights_partition_the_model() -> None:
     assert float(total[0, 0, 0]) == 0.0
 
 
-def test_information_rewards_agreement() -> None:
+def test_fsc_shell_rewards_agreement() -> None:
     truth = render_volume(builtin_phantom(BOX, PIXEL).positions, torch.ones(1), torch.ones(1), BOX).float()
     mask = torch.ones_like(truth)
-    clean = information(truth + _noise(1, 0.05), truth + _noise(2, 0.05), mask)
-    noisy = information(truth + _noise(1, 0.5), truth + _noise(2, 0.5), mask)
-    assert clean > noisy > 0
+    clean = fsc_shell(truth + _noise(1, 0.005), truth + _noise(2, 0.005), mask)
+    noisy = fsc_shell(truth + _noise(1, 0.05), truth + _noise(2, 0.05), mask)
+    assert BOX // 2 >= clean > noisy > 0
+    assert fsc_shell(truth, truth, mask) == BOX // 2                      # never falls: the last shell
 
 
 def _lowpass(vol: torch.Tensor, sigma_px: float) -> torch.Tensor:

@@ -224,7 +224,7 @@ def adk_phantom(box: int, pixel_size: float) -> Phantom:
     :func:`phantom_from_atoms`).  With the CORE of both structures superposed, each of LID and NMP gets the
     screw motion (:func:`screw_from_rigid`) of its least-squares fit from closed to open; the reference
     conformation (coordinate 0) is half-way along both screws, coordinate −0.5 the closed and +0.5 the
-    (rigid-domain) open structure.  The LID tip travels about 30 Å between the two.
+    (rigid-domain) open structure.  The LID tip travels about 25 Å between the two.
     """
     closed, opened, numbers, resseq = _read_adk()
     core = torch.ones(len(resseq), dtype=torch.bool)
@@ -238,9 +238,9 @@ def adk_phantom(box: int, pixel_size: float) -> Phantom:
         r, d = kabsch(closed[mask], opened[mask])                     # closed domain → open domain
         screws.append((mask, *screw_from_rigid(r, d)))
     # the reference conformation: half-way along each screw, centred on its centroid, in pixels
-    domains_a = [DomainMotion(m, p, u, theta, s) for m, p, u, theta, s in screws]
+    in_angstrom = [DomainMotion(m, p, u, theta, s) for m, p, u, theta, s in screws]
     reference = closed.clone()
-    for dom in domains_a:
+    for dom in in_angstrom:
         reference = dom.move(reference, torch.tensor(0.5, dtype=torch.float64))
     centre = reference.mean(0)
     positions = (reference - centre) / pixel_size

@@ -11,8 +11,8 @@ Per half set, only that half's particles and networks are used (gold standard):
 3. sum over groups, divide by the undeformed CTF² weights (RELION's unregularised Pipe & Menon division, as
    ``reconstruct`` and ``relion_reconstruct``) and gridding-correct;
 4. region by region (k-means regions of the consensus refinement's Gaussian model), keep the
-   deformation-corrected map only where its half maps hold more information (masked half-map FSC) than the
-   standard ones (:mod:`relion_dynamight.analysis.regions`; ``--no-regional-choice`` keeps it everywhere):
+   deformation-corrected map only where its half maps reach a finer resolution (masked half-map FSC = 0.5)
+   than the standard ones (:mod:`relion_dynamight.analysis.regions`; ``--no-regional-choice`` keeps it everywhere):
    where the particles do not move, or the learned deformations are wrong, the warps can only lose detail.
 
 Groups are shared out over MPI ranks by size; the sums are reduced on every rank; rank 0 writes
@@ -238,12 +238,12 @@ def write_maps(out: Path, results: dict[int, Any], box: int, pixel: float,
     No FSC-based Wiener term: on the padded grid a per-shell term that grows steeply where the half-map FSC
     falls leaks, after the real-space crop, low-resolution signal into the high shells; measured at SNR 0.02
     (box 64, 4,000 particles per half) it cut the FSC against the true map at ¼–½ Nyquist (e.g. 0.13 → −0.01)
-    while a constant term of any size did not (README, "Improved maps you can trust").  The standard maps are
+    while a constant term of any size did not (README, "Science").  The standard maps are
     therefore exactly ``relion_dynamight reconstruct --halves`` of the same particles.
 
     ``regions_from`` (model points ``(M, 3)``, px): split the model into regions and keep the
-    deformation-corrected maps only in the regions where their half maps hold more information than the
-    standard ones (:mod:`relion_dynamight.analysis.regions`); the unblended maps are kept as
+    deformation-corrected maps only in the regions where their half maps reach a finer FSC = 0.5 resolution
+    than the standard ones (:mod:`relion_dynamight.analysis.regions`); the unblended maps are kept as
     ``deformed_half*.mrc``.  None: the deformation-corrected maps everywhere.
     """
     from relion_dynamight.imaging.fourier import fsc, resolution_at
@@ -279,27 +279,31 @@ def _regional(folder: Path, deformed: dict[int, Tensor], standard: dict[int, Ten
     alpha = choice.alpha()
     for h in (1, 2):
         write_map(folder / f"deformed_half{h}.mrc", cpu[h][0].numpy(), pixel)
-    _write_regions(folder, choice)
+    _write_regions(folder, choice, int(alpha.shape[-1]), pixel)
     kept = int(choice.use_second.sum())
     log.info("Regional choice: the deformation-corrected map is kept in %d of %d regions (%.0f%% of the model's "
              "volume); elsewhere the standard reconstruction (deformed_half*.mrc: corrected everywhere)", kept,
              len(choice.use_second), 100 * float(alpha.sum() / choice.weights.sum().clamp_min(1e-12)))
     if kept == 0:
-        log.warning("WARNING: in no region did the deformation-corrected half maps agree better than the standard "
-                    "ones: the learned deformations do not improve this reconstruction, so map_half*.mrc are the "
-                    "standard maps")
+        log.warning("WARNING: in no region did the deformation-corrected half maps reach a finer resolution than "
+                    "the standard ones: the learned deformations do not improve this reconstruction, so "
+                    "map_half*.mrc are the standard maps")
     return {h: blend(cpu[h][1], cpu[h][0], alpha) for h in (1, 2)}
 
 
-def _write_regions(folder: Path, choice: Any) -> None:
-    """``regions.star``: per region its volume (voxels), the two information values and the choice."""
+def _write_regions(folder: Path, choice: Any, box: int, pixel: float) -> None:
+    """``regions.star``: per region its volume (voxels), the half-map FSC = 0.5 resolution (Å) of the standard
+    and the deformed maps there, and the choice."""
     from relion_dynamight.relion.jobdir import atomic_write_text
 
+    def angstrom(shell: float) -> float:
+        return box * pixel / max(float(shell), 1e-3)
+
     lines = ["", "# version 30001", "", "data_regions", "", "loop_", "_dmRegion #1", "_dmRegionVolume #2",
-             "_dmInformationStandard #3", "_dmInformationDeformed #4", "_dmDeformedKept #5"]
+             "_dmHalfMapFsc05Standard #3", "_dmHalfMapFsc05Deformed #4", "_dmDeformedKept #5"]
     for k in range(len(choice.use_second)):
-        lines.append(f"{k + 1} {float(choice.weights[k].sum()):.1f} {float(choice.info_first[k]):.3f} "
-                     f"{float(choice.info_second[k]):.3f} {int(choice.use_second[k])}")
+        lines.append(f"{k + 1} {float(choice.weights[k].sum()):.1f} {angstrom(choice.shell_first[k]):.3f} "
+                     f"{angstrom(choice.shell_second[k]):.3f} {int(choice.use_second[k])}")
     atomic_write_text(folder / "regions.star", "\n".join(lines) + "\n\n")
 
 

@@ -48,8 +48,13 @@ def default_config(**overrides: Any) -> dict[str, Any]:
         "encoder_lowpass": 10.0,
         # upper bound of the recalibrated geometric weight λ: near the identity deformation the regulariser's
         # gradient vanishes while the (noise-dominated) data gradient does not, so the plain ratio grows
-        # without bound (measured up to 2,459) and pins the decoder at zero displacement at low SNR
-        "lambda_max": 1.0,
+        # without bound (measured up to 2,459, pinning the decoder at zero displacement).  A cap of 1 helped at
+        # SNR 0.05 (AdK |ρ| 0.28 / 0.58 vs 0.23 / 0.49 with 10 or 100) but let spurious motion through at SNR 1
+        # (hinge: error / no-deformation 0.93 vs 0.70 with 10); healthy training there uses λ between 1 and 73
+        "lambda_max": 10.0,
+        # "free bits" of the KL term per latent dimension (nats; 0 = off): AdK at SNR 0.05, |ρ| 0.35 / 0.59 per
+        # half with 1 nat vs 0.28 / 0.58 without, within the seed-to-seed spread, so off by default
+        "kl_free_bits": 0.0,
         # initial log σ² of the posterior: small noise so z carries the encoder's signal from the start
         "encoder_logvar_init": -4.0,
         "decoder_freqs": 10,

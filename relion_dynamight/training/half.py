@@ -105,6 +105,15 @@ def encoder_filter(ctf: Tensor | None, premultiplied: Tensor | None, box: int, p
     return out
 
 
+def free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
+    """KL penalty with "free bits" (Kingma et al. 2016): per latent dimension, the batch-mean KL counts only
+    above ``free_bits`` nats, so a posterior that carries little information is not pushed to the prior
+    (with Adam even a tiny KL gradient would collapse it while the decoder still ignores ``z``).  0 = plain
+    batch-mean KL."""
+    per_dim = (-0.5 * (1.0 + logvar - mu**2 - torch.exp(logvar))).mean(0)
+    return per_dim.clamp_min(free_bits).sum() if free_bits > 0 else per_dim.sum()
+
+
 class HalfModel:
     """Training state and epoch loop of one half set (see the module docstring)."""
 
@@ -304,13 +313,14 @@ class HalfModel:
             deformed = positions + self.decoder(positions, z)
             data = data_loss(self.predict(batch, deformed), observed, weights).mean()
             kl = kl_loss(mu, logvar).mean()
+            kl_penalty = free_bits_kl(mu, logvar, float(self.config.get("kl_free_bits") or 0.0))
             geo = self.geometric_loss(deformed)
             if recalibrate:
                 lam = gradient_ratio_lambda(data, geo, self.decoder.parameters(),
                                             float(self.config["regularization_factor"]), default=self.lam)
                 cap = self.config.get("lambda_max")
                 self.lam = min(lam, float(cap)) if cap else lam
-            loss = data + ramp * (float(self.config["beta"]) * kl + self.lam * geo)
+            loss = data + ramp * (float(self.config["beta"]) * kl_penalty + self.lam * geo)
             terms = {"data": float(data.detach()), "kl": float(kl.detach()), "geo": float(geo.detach())}
             optimisers = (self.opt_gaussians, self.opt_networks)
         else:
