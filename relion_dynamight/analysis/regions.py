@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from relion_dynamight.imaging.fourier import fsc
+from relion_dynamight.imaging.fourier import crossing_shell, fsc
 
 #: Voxels within this distance (px) of a model point belong to the model's regions.
 REGION_REACH = 3.0
@@ -86,12 +86,9 @@ def _nearest(grid: Tensor, points: Tensor, chunk: int = 32768) -> tuple[Tensor, 
 def fsc_shell(half1: Tensor, half2: Tensor, mask: Tensor, threshold: float = CHOICE_THRESHOLD) -> float:
     """Where the masked half-map FSC first falls below ``threshold``, in shells (linear between shells; the
     last shell if it never does).  Larger is better: a spatial frequency of ``shell / N`` per pixel."""
-    curve = fsc(half1 * mask, half2 * mask).double().tolist()
-    for i in range(1, len(curve)):
-        if curve[i] < threshold:
-            lo, hi = curve[i - 1], curve[i]
-            return (i - 1) + ((lo - threshold) / (lo - hi) if lo > hi else 0.0)
-    return float(len(curve) - 1)
+    curve = fsc(half1 * mask, half2 * mask)
+    shell = crossing_shell(curve, threshold)
+    return float(curve.shape[0] - 1) if shell is None else shell
 
 
 def regional_choice(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor], points: Tensor,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from relion_dynamight.analysis.phantom import Phantom
-from relion_dynamight.imaging.fourier import fsc
+from relion_dynamight.imaging.fourier import crossing_shell, fsc
 
 #: Region masks: voxels within this distance (px) of a Gaussian of the reference conformation.
 REGION_RADIUS = 3.0
@@ -76,13 +76,8 @@ def masked_fsc(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
 
 def crossing(curve: Tensor, threshold: float, box: int, pixel: float) -> float:
     """Resolution (Å) where ``curve`` first falls below ``threshold``, linear between shells; Nyquist if never."""
-    values = curve.double().tolist()
-    for i in range(1, len(values)):
-        if values[i] < threshold:
-            lo, hi = values[i - 1], values[i]
-            shell = (i - 1) + (lo - threshold) / (lo - hi) if lo > hi else float(i - 1)
-            return box * pixel / max(shell, 1e-3)
-    return 2.0 * pixel
+    shell = crossing_shell(curve, threshold)
+    return 2.0 * pixel if shell is None else box * pixel / max(shell, 1e-3)
 
 
 def resolution_vs_truth(vol: Tensor, truth: Tensor, mask: Tensor, pixel: float, threshold: float = 0.5) -> float:

@@ -117,6 +117,17 @@ def resolution_at(curve: Tensor, threshold: float, n: int, pixel_size: float) ->
     return 2.0 * pixel_size
 
 
+def crossing_shell(curve: Tensor, threshold: float) -> float | None:
+    """Fractional shell where ``curve`` first falls below ``threshold`` (linear between shells), or None if it
+    never does."""
+    values = curve.double().tolist()
+    for i in range(1, len(values)):
+        if values[i] < threshold:
+            lo, hi = values[i - 1], values[i]
+            return (i - 1) + ((lo - threshold) / (lo - hi) if lo > hi else 0.0)
+    return None
+
+
 def radial_average_2d(values: Tensor, n: int) -> Tensor:
     """Mean of ``(..., n, n//2+1)`` real values per shell ``0 .. n//2`` → ``(..., n//2+1)``."""
     shells = shell_index_2d(n, device=values.device).flatten()
