@@ -62,7 +62,7 @@ def region_weights(points: Tensor, box: int, n_regions: int, seed: int = 0) -> T
     labels = kmeans(pts, k, seed=seed)[1] if k > 1 else torch.zeros(pts.shape[0], dtype=torch.long)
     axis = torch.arange(box, dtype=torch.float32) - box // 2
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).flip(-1).reshape(-1, 3)
-    dist, nearest = _nearest(grid, pts)
+    dist, nearest = nearest_point(grid, pts)
     t = ((dist - REGION_REACH) / REGION_EDGE).clamp(0.0, 1.0)
     envelope = (0.5 + 0.5 * torch.cos(math.pi * t)).reshape(box, box, box)
     hard = torch.nn.functional.one_hot(labels[nearest], k).T.reshape(k, box, box, box).float()
@@ -73,7 +73,8 @@ def region_weights(points: Tensor, box: int, n_regions: int, seed: int = 0) -> T
     return smooth * envelope
 
 
-def _nearest(grid: Tensor, points: Tensor, chunk: int = 32768) -> tuple[Tensor, Tensor]:
+def nearest_point(grid: Tensor, points: Tensor, chunk: int = 32768) -> tuple[Tensor, Tensor]:
+    """Distance and index ``(G,)`` of the nearest of ``points (M, 3)`` to each of ``grid (G, 3)`` (chunked)."""
     dist, idx = [], []
     for i in range(0, grid.shape[0], chunk):
         d = torch.cdist(grid[i:i + chunk], points)

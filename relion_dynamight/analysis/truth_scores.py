@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from relion_dynamight.analysis.phantom import Phantom
+from relion_dynamight.analysis.regions import nearest_point
 from relion_dynamight.imaging.fourier import crossing_shell, fsc
 
 #: Region masks: voxels within this distance (px) of a Gaussian of the reference conformation.
@@ -57,11 +58,11 @@ def region_masks(phantom: Phantom, box: int) -> dict[str, Tensor]:
             "static": static.reshape(shape).float()}
 
 
-def _nearest(points: Tensor, centres: Tensor, chunk: int = 65536) -> Tensor:
+def _nearest(points: Tensor, centres: Tensor) -> Tensor:
+    """Distance ``(P,)`` of each point to its nearest centre (inf when there are none)."""
     if centres.shape[0] == 0:
         return torch.full((points.shape[0],), math.inf, dtype=points.dtype)
-    return torch.cat([torch.cdist(points[i:i + chunk], centres).min(dim=1).values
-                      for i in range(0, points.shape[0], chunk)])
+    return nearest_point(points, centres)[0]
 
 
 def _soft(distance: Tensor) -> Tensor:

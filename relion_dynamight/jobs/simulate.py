@@ -132,7 +132,9 @@ def simulate_project(out_dir: Path, n_particles: int = 2000, box: int = 64, pixe
     optics = _optics_table(box, pixel_size)
     particles, angles = _particle_table(n_particles, n_mics, pixel_size, motion, spread, max_shift, rng)
     writer = _StackWriter(out_dir, particles, pixel_size, tuple(float16_groups))
-    limit_writer = _StackWriter(out_dir, _limit_names(particles), pixel_size, tuple(float16_groups)) if limit else None
+    limit_particles = _limit_names(particles) if limit else None
+    limit_writer = (_StackWriter(out_dir, limit_particles, pixel_size, tuple(float16_groups))
+                    if limit_particles is not None else None)
     noise_gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     accumulators = _new_accumulators(box)
     noise_sigma: float | None = None if snr > 0 else 0.0
@@ -152,8 +154,8 @@ def simulate_project(out_dir: Path, n_particles: int = 2000, box: int = 64, pixe
                                   envelope_bfactor)
             limit_writer.write(rows, (still + noise).numpy())
     _write_star(out_dir / RUN_DATA, optics, particles)
-    if limit:
-        _write_star(out_dir / LIMIT_STAR, optics, _limit_names(particles))
+    if limit_particles is not None:
+        _write_star(out_dir / LIMIT_STAR, optics, limit_particles)
     half1, half2, consensus, curve, how = _reconstruct(accumulators, phantom, angles, particles, box)
     paths = {"consensus": write_map(out_dir / CONSENSUS, consensus.numpy(), pixel_size),
              "half1": write_map(out_dir / HALF_MAPS[0], half1.numpy(), pixel_size),
