@@ -82,6 +82,7 @@ def main() -> None:
 
     result = score_job(root, JOB, (root / "Bench/consensus_half1.mrc", root / "Bench/consensus_half2.mrc"),
                        (root / "Bench/limit_half1.mrc", root / "Bench/limit_half2.mrc"))
+    result["oracle"] = oracle_scores(root, args.oracle_groups)
     result["settings"] = vars(args)
     result["command_lines"] = lines
     result["wall_seconds"] = times
@@ -90,6 +91,63 @@ def main() -> None:
     (root / "bench_science.md").write_text(table + "\n")
     print(table)
     print("wall seconds:", times)
+
+
+def oracle_scores(root: Path, n_groups: int) -> dict:
+    """Ceilings (:mod:`relion_dynamight.analysis.oracle`): the Bayes posterior of every particle's conformation
+    with the true model, poses, CTFs, envelope and noise σ, its latent order and shrinkage per half, and the
+    deformed backprojection with the true (smoothed) deformation at the posterior means (``n_groups`` equal-count
+    groups per half) scored like the job's maps.  Cached in ``Bench/oracle.json``."""
+    import numpy as np
+    import pandas as pd
+    import starfile
+    import torch
+
+    from relion_dynamight.analysis import oracle, truth_scores
+    from relion_dynamight.analysis.phantom import load_phantom
+    from relion_dynamight.analysis.phantom_images import clean_images
+    from relion_dynamight.jobs.backprojection import backproject_groups
+    from relion_dynamight.relion.particles import ParticleData
+
+    cached = root / "Bench" / "oracle.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    t0 = time.monotonic()
+    info = json.loads((root / "truth" / "phantom.json").read_text())
+    phantom = load_phantom(root / "truth")
+    box, pixel = phantom.box, phantom.pixel_size
+    star = starfile.read(root / STAR, always_dict=True)
+    optics, particles = star["optics"], star["particles"]
+    coords = pd.read_csv(root / "truth" / "particles.csv")["hinge_angle"].to_numpy()
+    data = ParticleData(root / STAR, project_dir=root)
+    mean = np.empty(len(particles))
+    for start in range(0, len(particles), 1000):
+        rows = np.arange(start, min(start + 1000, len(particles)))
+        sub = particles.iloc[rows]
+        post = oracle.posterior_conformations(
+            data.batch(rows).images.float(),
+            lambda t, sub=sub, n=len(rows): clean_images(phantom, sub, optics, np.full(n, t), box, pixel,
+                                                        float(info.get("envelope_bfactor", 0.0))),
+            float(info["noise_sigma"]))
+        mean[rows] = post.mean
+    halves = particles["rlnRandomSubset"].to_numpy()
+    weights = oracle.field_weights(phantom, box)
+    maps = []
+    for h in (1, 2):
+        rows = np.flatnonzero(halves == h)
+        labels, centres = oracle.coordinate_groups(mean[rows], n_groups)
+        bp = backproject_groups(data, rows, labels, lambda g, c=centres: oracle.true_field(phantom, c[g], weights),
+                                box, torch.device("cpu"), 256)
+        maps.append(bp.reconstruct())
+    truth = truth_scores._load(root / "truth" / "map_reference.mrc")
+    masks = truth_scores.region_masks(phantom, box)
+    scores = truth_scores.map_scores(tuple(maps), truth, masks, pixel)
+    out = {"maps": scores,
+           "latent": {h: abs(truth_scores.spearman(mean[halves == h], coords[halves == h])) for h in (1, 2)},
+           "amplitude": {h: oracle.shrinkage(mean[halves == h], coords[halves == h]) for h in (1, 2)},
+           "groups": n_groups, "seconds": round(time.monotonic() - t0, 1)}
+    cached.write_text(json.dumps(out, indent=1))
+    return json.loads(cached.read_text())
 
 
 def parse() -> argparse.Namespace:
@@ -108,6 +166,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--extra-continue", default="", help="'Additional arguments' of the continue tasks.")
     p.add_argument("--gpu-id", default="", help="The tab's GPU field (empty: CPU).")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--oracle-groups", type=int, default=32, help="Coordinate groups per half of the oracle's map.")
     args = p.parse_args()
     if args.quick:
         defaults = {a.dest: a.default for a in p._actions}

@@ -80,3 +80,18 @@ def test_motion_is_learned_and_corrected(bench) -> None:
         assert result["latent"][h]["best"] >= 0.75, result["latent"]
         dfm = result["deformation"][h]
         assert dfm["error"] < dfm["baseline"] and dfm["amplitude"] >= 0.3, result["deformation"]
+
+
+@pytest.mark.slow
+def test_oracle_bounds_what_was_learned(bench) -> None:
+    """The Bayes oracle (true model, poses, CTFs, noise) is a ceiling: no encoder orders the conformations
+    better, and the true deformation at its estimates closes most of the gap in the moving domains."""
+    _, result = bench
+    oracle = result["oracle"]
+    for h in ("1", "2"):
+        assert result["latent"][h]["best"] <= oracle["latent"][h] + 0.03, (result["latent"], oracle["latent"])
+        assert 0.0 < oracle["amplitude"][h] <= 1.05
+    maps = result["maps"]
+    closure = (maps["consensus"]["moving"]["final"] - oracle["maps"]["moving"]["final"]) / (
+        maps["consensus"]["moving"]["final"] - maps["limit"]["moving"]["final"])
+    assert closure >= 0.5, (oracle["maps"]["moving"], maps["consensus"]["moving"], maps["limit"]["moving"])

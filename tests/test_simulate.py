@@ -17,7 +17,8 @@ from relion_dynamight.errors import InputError
 from relion_dynamight.imaging.gaussians import render_volume
 from relion_dynamight.imaging.geometry import euler_to_matrix
 from relion_dynamight.imaging.projection import project_map_real
-from relion_dynamight.jobs.simulate import _ctf_of, load_truth, simulate_project, true_positions
+from relion_dynamight.analysis.phantom_images import particle_ctf
+from relion_dynamight.jobs.simulate import load_truth, simulate_project, true_positions
 from relion_dynamight.jobs.simulate import run as simulate_run
 from relion_dynamight.relion.jobdir import Job
 from relion_dynamight.imaging.ctf import ctf_2d
@@ -97,7 +98,7 @@ def test_images_are_ctf_times_projection_of_the_true_conformation(hinge_project:
         vol = render_volume(true_positions(proj, angle), phantom.amplitudes, phantom.widths, BOX)
         rot = euler_to_matrix(*(torch.tensor(row[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
         shift = torch.tensor(row[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()) / PIXEL
-        ctf = ctf_2d(_ctf_of(row, optics, PIXEL), BOX, dtype=torch.float64)
+        ctf = ctf_2d(particle_ctf(row, optics, PIXEL), BOX, dtype=torch.float64)
         expected = project_map_real(vol, rot, shift, ctf)[0]
         assert _cc(image, expected) > 0.995, i
         # a wrong conformation fits worse

@@ -14,7 +14,8 @@ import torch
 from relion_dynamight.analysis.phantom import _read_adk, adk_phantom, kabsch, load_phantom, screw_from_rigid
 from relion_dynamight.imaging.ctf import ctf_2d
 from relion_dynamight.imaging.fourier import radial_average_2d, rfft2_centered
-from relion_dynamight.jobs.simulate import LIMIT_STAR, RUN_DATA, _clean_images, _ctf_of, _disc, simulate_project
+from relion_dynamight.analysis.phantom_images import clean_images, particle_ctf
+from relion_dynamight.jobs.simulate import LIMIT_STAR, RUN_DATA, _disc, simulate_project
 
 BOX, PIXEL = 48, 2.0
 
@@ -89,8 +90,8 @@ def test_limit_has_the_same_noise_in_the_reference_conformation(adk_project: dic
     own = _stack_images(root, data["particles"]["rlnImageName"])
     still = _stack_images(root, limit["rlnImageName"])
     table = data["particles"]
-    clean_own = _clean_images(sim["phantom"], table, data["optics"], sim["hinge_angles"], BOX, PIXEL, 80.0).numpy()
-    clean_ref = _clean_images(sim["phantom"], table, data["optics"], np.zeros(len(table)), BOX, PIXEL, 80.0).numpy()
+    clean_own = clean_images(sim["phantom"], table, data["optics"], sim["hinge_angles"], BOX, PIXEL, 80.0).numpy()
+    clean_ref = clean_images(sim["phantom"], table, data["optics"], np.zeros(len(table)), BOX, PIXEL, 80.0).numpy()
     # the same noise: (image − clean) agrees between the two data sets
     assert np.allclose(own - clean_own, still - clean_ref, atol=1e-3 * float(np.abs(own).max()))
     # and the SNR is measured in the particle's disc: noise variance = disc signal variance / snr
@@ -108,11 +109,11 @@ def test_hidden_envelope_damps_the_images(adk_project: dict) -> None:
     root, sim = adk_project["project"], adk_project
     data = starfile.read(root / RUN_DATA, always_dict=True)
     table = data["particles"].iloc[:8]
-    plain = _clean_images(sim["phantom"], table, data["optics"], sim["hinge_angles"][:8], BOX, PIXEL, 0.0)
-    damped = _clean_images(sim["phantom"], table, data["optics"], sim["hinge_angles"][:8], BOX, PIXEL, 80.0)
+    plain = clean_images(sim["phantom"], table, data["optics"], sim["hinge_angles"][:8], BOX, PIXEL, 0.0)
+    damped = clean_images(sim["phantom"], table, data["optics"], sim["hinge_angles"][:8], BOX, PIXEL, 80.0)
     p0 = radial_average_2d(rfft2_centered(plain).abs() ** 2, BOX).mean(0)
     p1 = radial_average_2d(rfft2_centered(damped).abs() ** 2, BOX).mean(0)
     shell = 12
     s = shell / (BOX * PIXEL)
     assert float(p1[shell] / p0[shell]) == pytest.approx(float(np.exp(-80.0 * s * s / 2)), rel=0.05)
-    assert ctf_2d(_ctf_of(table, data["optics"], PIXEL), BOX).abs().max() <= 1.0
+    assert ctf_2d(particle_ctf(table, data["optics"], PIXEL), BOX).abs().max() <= 1.0

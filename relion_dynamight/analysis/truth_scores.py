@@ -226,12 +226,32 @@ def format_table(result: dict) -> str:
         s = result["maps"][key]
         lines.append(f"| {label} | {s['full']['final']:.2f} Å | {s['moving']['final']:.2f} Å | "
                      f"{s['static']['final']:.2f} Å | {s['full']['half_fsc']:.2f} Å | {result['honesty'][key]:.3f} |")
+    oracle = result.get("oracle")
+    if oracle:
+        s = oracle["maps"]
+        lines.append(f"| oracle: true deformation at the Bayes estimate of each particle's conformation | "
+                     f"{s['full']['final']:.2f} Å | {s['moving']['final']:.2f} Å | {s['static']['final']:.2f} Å | "
+                     f"{s['full']['half_fsc']:.2f} Å | {s['full']['half_fsc'] / s['full']['final']:.3f} |")
     g = result["gap_closure"]
     lines.append("")
-    lines.append(f"gap closure g: full {g['full']:.2f}, moving {g['moving']:.2f}, static {g['static']:.2f}")
+    lines.append(f"gap closure g: full {g['full']:.2f}, moving {g['moving']:.2f}, static {g['static']:.2f}"
+                 + (f" (oracle: moving {oracle_gap(result)['moving']:.2f})" if oracle else ""))
     for h in (1, 2):
-        lat, dfm = result["latent"][h], result["deformation"][h]
+        lat, dfm = _per_half(result["latent"], h), _per_half(result["deformation"], h)
+        ceiling = (f" [oracle: |ρ| {_per_half(oracle['latent'], h):.3f}, amplitude "
+                   f"{_per_half(oracle['amplitude'], h):.2f}]" if oracle else "")
         lines.append(f"half {h}: latent |ρ| best {lat['best']:.3f} (PC1 {lat['pc1']:.3f}, R² {lat['r2']:.3f}); "
                      f"deformation error {dfm['error']:.2f} px vs {dfm['baseline']:.2f} px undeformed, "
-                     f"amplitude recovered {dfm['amplitude']:.2f}")
+                     f"amplitude recovered {dfm['amplitude']:.2f}{ceiling}")
     return "\n".join(lines)
+
+
+def _per_half(values: dict, half: int):
+    """``values[half]`` whether the keys are ints or (after a JSON round trip) strings."""
+    return values[half] if half in values else values[str(half)]
+
+
+def oracle_gap(result: dict) -> dict[str, float]:
+    """Gap closure of the oracle's map (:mod:`.oracle`) per region: the most a per-particle estimate can give."""
+    cons, lim, orc = result["maps"]["consensus"], result["maps"]["limit"], result["oracle"]["maps"]
+    return {r: gap_closure(orc[r]["final"], cons[r]["final"], lim[r]["final"]) for r in REGIONS}

@@ -44,12 +44,13 @@ import starfile
 import torch
 from torch import Tensor
 
+from relion_dynamight.analysis.phantom_images import clean_images, particle_ctf, particle_poses
 from relion_dynamight.analysis.phantom import Phantom, adk_phantom, builtin_phantom, load_phantom, phantom_from_atoms
 from relion_dynamight.errors import InputError
-from relion_dynamight.imaging.ctf import CtfParams, ctf_2d
+from relion_dynamight.imaging.ctf import ctf_2d
 from relion_dynamight.imaging.fourier import fsc as fourier_shell_correlation
-from relion_dynamight.imaging.gaussians import project_gaussians, real_from_spectra, render_volume
-from relion_dynamight.imaging.geometry import euler_to_matrix, matrix_to_euler
+from relion_dynamight.imaging.gaussians import render_volume
+from relion_dynamight.imaging.geometry import matrix_to_euler
 from relion_dynamight.relion.mrc import write_map, write_stack
 
 log = logging.getLogger("relion_dynamight")
@@ -142,7 +143,7 @@ def simulate_project(out_dir: Path, n_particles: int = 2000, box: int = 64, pixe
     for rows in writer.batches(batch_size, phantom.positions.shape[0]):
         if check_abort is not None:
             check_abort()
-        clean = _clean_images(phantom, particles.iloc[rows], optics, angles[rows], box, pixel_size, envelope_bfactor)
+        clean = clean_images(phantom, particles.iloc[rows], optics, angles[rows], box, pixel_size, envelope_bfactor)
         if noise_sigma is None:
             signal = clean[:, disc] if disc is not None else clean.flatten(1)
             noise_sigma = math.sqrt(float(signal.var(dim=-1).mean()) / snr)
@@ -150,7 +151,7 @@ def simulate_project(out_dir: Path, n_particles: int = 2000, box: int = 64, pixe
         written = writer.write(rows, (clean + noise).numpy())
         _insert(accumulators, particles.iloc[rows], optics, torch.from_numpy(written), box, pixel_size)
         if limit_writer is not None:
-            still = _clean_images(phantom, particles.iloc[rows], optics, np.zeros(len(rows)), box, pixel_size,
+            still = clean_images(phantom, particles.iloc[rows], optics, np.zeros(len(rows)), box, pixel_size,
                                   envelope_bfactor)
             limit_writer.write(rows, (still + noise).numpy())
     _write_star(out_dir / RUN_DATA, optics, particles)
@@ -291,46 +292,6 @@ def _particle_table(n: int, n_mics: int, pixel: float, motion: str, max_angle: f
     return particles, angles
 
 
-def _ctf_of(particles: pd.DataFrame, optics: pd.DataFrame, pixel: float) -> CtfParams:
-    groups = optics.set_index("rlnOpticsGroup")
-
-    def col(name: str) -> Tensor:
-        return torch.tensor(particles[name].to_numpy(dtype=np.float64))
-
-    def opt(name: str) -> Tensor:
-        return torch.tensor(groups.loc[particles["rlnOpticsGroup"].to_numpy(), name].to_numpy(dtype=np.float64))
-
-    return CtfParams(col("rlnDefocusU"), col("rlnDefocusV"), col("rlnDefocusAngle"), opt("rlnVoltage"),
-                     opt("rlnSphericalAberration"), opt("rlnAmplitudeContrast"), col("rlnPhaseShift"),
-                     col("rlnCtfBfactor"), col("rlnCtfScalefactor"), torch.full((len(particles),), float(pixel),
-                                                                                 dtype=torch.float64))
-
-
-def _poses(particles: pd.DataFrame, pixel: float) -> tuple[Tensor, Tensor]:
-    """RELION matrices ``(B, 3, 3)`` from the STAR angles, origins ``(B, 2)`` in pixels (float64)."""
-    ang = [torch.tensor(particles[c].to_numpy(dtype=np.float64)) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
-    origins = torch.tensor(particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(dtype=np.float64)) / pixel
-    return euler_to_matrix(*ang), origins
-
-
-# ---------------------------------------------------------------------------------------------
-# images
-# ---------------------------------------------------------------------------------------------
-def _clean_images(phantom: Phantom, particles: pd.DataFrame, optics: pd.DataFrame, angles: np.ndarray,
-                  box: int, pixel: float, envelope_bfactor: float = 0.0) -> Tensor:
-    """Noise-free images ``(B, box, box)`` float32: CTF · projection of each particle's conformation.
-
-    ``envelope_bfactor`` (Å²) adds an envelope ``exp(−B s²/4)`` that the STAR file does not state."""
-    rotations, origins = _poses(particles, pixel)
-    params = _ctf_of(particles, optics, pixel)
-    params.bfactor = params.bfactor + float(envelope_bfactor)
-    ctf = ctf_2d(params, box)
-    positions = phantom.true_positions(torch.from_numpy(np.asarray(angles, dtype=np.float64))).float()
-    spectra = project_gaussians(positions, phantom.amplitudes.float(), phantom.widths.float(), rotations.float(), box,
-                                origins.float(), ctf, oversample=2)
-    return real_from_spectra(spectra, box)
-
-
 class _StackWriter:
     """Writes one ``.mrcs`` per micrograph, batch by batch (whole micrographs per batch)."""
 
@@ -383,8 +344,8 @@ def _insert(accumulators: list | None, particles: pd.DataFrame, optics: pd.DataF
         return
     from relion_dynamight.imaging.backprojection import prepare_spectra
 
-    rotations, origins = _poses(particles, pixel)
-    ctf = ctf_2d(_ctf_of(particles, optics, pixel), box)
+    rotations, origins = particle_poses(particles, pixel)
+    ctf = ctf_2d(particle_ctf(particles, optics, pixel), box)
     subset = torch.tensor(particles["rlnRandomSubset"].to_numpy())
     spectra, weights = prepare_spectra(images, origins, ctf)
     for k, acc in enumerate(accumulators, start=1):
