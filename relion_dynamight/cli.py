@@ -15,6 +15,22 @@ import click
 from relion_dynamight import __version__
 
 
+class FiniteFloat(click.ParamType):
+    """A float option that must be a finite number: ``nan`` and ``inf`` are refused for every numeric option
+    of every command here, in one place (ranges are checked by each task)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
+
+
 def pipeline_control_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--pipeline-control", "--pipeline_control", "pipeline_control", type=click.Path(path_type=Path),
@@ -108,10 +124,10 @@ def cli() -> None:
 @click.option("--initial-model", type=click.Path(path_type=Path), required=True,
               help="Consensus map (MRC) of the refinement.")
 @click.option("--n-gaussians", type=int, default=10000, show_default=True, help="Number of Gaussians of the model.")
-@click.option("--initial-threshold", type=float, default=None,
+@click.option("--initial-threshold", type=FINITE, default=None,
               help="Map threshold for placing Gaussians. Default: automatic, the value above which the "
                    "brightest voxels hold the volume that the Gaussians can fill (see README).")
-@click.option("--regularization-factor", type=float, default=1.0, show_default=True,
+@click.option("--regularization-factor", type=FINITE, default=1.0, show_default=True,
               help="Ratio of the geometric regulariser's gradient to the data term's gradient.")
 @click.option("--n-threads", type=int, default=1, show_default=True, help="CPU threads (torch intra-op threads).")
 @click.option("--preload-images", is_flag=True, help="Keep all images in RAM (checked against free memory).")
@@ -126,7 +142,7 @@ def cli() -> None:
 @click.option("--mask-file", type=click.Path(path_type=Path), default=None,
               help="Deform only Gaussians inside this mask.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--validation-fraction", type=float, default=0.1, show_default=True)
+@click.option("--validation-fraction", type=FINITE, default=0.1, show_default=True)
 @pipeline_control_option
 def optimize_deformations(pipeline_control: Path | None, **options: Any) -> None:
     """Train the two half-set VAEs (deformations of a Gaussian model of the consensus map)."""
@@ -162,7 +178,7 @@ def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any)
 @click.option("--batch-size", type=int, default=10, show_default=True, help="Particles per insertion batch.")
 @click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
 @click.option("--preload-images", is_flag=True)
-@click.option("--group-resolution", type=float, default=0.5, show_default=True,
+@click.option("--group-resolution", type=FINITE, default=0.5, show_default=True,
               help="Particles whose deformations agree within this RMS (pixels) share one warp; 0 = one per particle.")
 @click.option("--max-groups", type=int, default=128, show_default=True,
               help="At most this many warps per half set (the groups with the largest spread are split first); "
@@ -170,7 +186,7 @@ def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any)
 @click.option("--regional-choice/--no-regional-choice", default=True, show_default=True,
               help="Region by region, keep the deformation-corrected map only where its half maps agree better "
                    "than the standard ones; elsewhere keep the standard reconstruction.")
-@click.option("--field-spacing", type=float, default=2.0, show_default=True,
+@click.option("--field-spacing", type=FINITE, default=2.0, show_default=True,
               help="Grid spacing (pixels) on which the inverse deformation is evaluated before up-sampling.")
 @click.option("--interpolation", type=click.Choice(["cubic", "linear"]), default="cubic", show_default=True,
               help="Warp interpolation: cubic B-spline (keeps amplitudes to Nyquist) or trilinear.")
@@ -218,7 +234,7 @@ def explore_latent_space(pipeline_control: Path | None, **options: Any) -> None:
 @click.option("--o", "output", type=click.Path(path_type=Path), required=True, help="Output map (.mrc).")
 @click.option("--subset", type=int, default=None, help="Use only rlnRandomSubset 1 or 2.")
 @click.option("--ctf", is_flag=True, help="Apply CTF correction.")
-@click.option("--maxres", type=float, default=None, help="Insert only up to this resolution (Å).")
+@click.option("--maxres", type=FINITE, default=None, help="Insert only up to this resolution (Å).")
 @click.option("--halves", is_flag=True, help="Also write _half1/_half2 maps and the FSC.")
 @click.option("--j", "threads", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
@@ -232,14 +248,14 @@ def reconstruct(pipeline_control: Path | None, **options: Any) -> None:
 @click.option("--o", "output", type=click.Path(path_type=Path), required=True, help="New project directory.")
 @click.option("--n-particles", type=int, default=2000, show_default=True)
 @click.option("--box", type=int, default=64, show_default=True)
-@click.option("--pixel-size", type=float, default=3.0, show_default=True)
-@click.option("--snr", type=float, default=0.1, show_default=True, help="Signal-to-noise ratio (variance); 0 = no noise.")
+@click.option("--pixel-size", type=FINITE, default=3.0, show_default=True)
+@click.option("--snr", type=FINITE, default=0.1, show_default=True, help="Signal-to-noise ratio (variance); 0 = no noise.")
 @click.option("--motion", type=click.Choice(["hinge", "none", "adk"]), default="hinge", show_default=True,
               help="hinge: one domain turns ±20°; adk: adenylate kinase's LID and NMP domains between its closed "
                    "(1AKE) and open (4AKE) structures; none: one conformation.")
 @click.option("--pdb", type=click.Path(path_type=Path), default=None, help="Atomic model (PDB/mmCIF) as phantom.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--envelope-bfactor", type=float, default=0.0, show_default=True,
+@click.option("--envelope-bfactor", type=FINITE, default=0.0, show_default=True,
               help="B-factor (Å²) of an envelope on the images that the STAR file does not state.")
 @click.option("--snr-region", type=click.Choice(["box", "disc"]), default="box", show_default=True,
               help="Where the signal variance of --snr is measured: the whole box or the particle's disc.")

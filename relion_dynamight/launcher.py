@@ -13,7 +13,9 @@ import sys
 import traceback
 from typing import Sequence
 
-from relion_dynamight.relion.jobdir import EXIT_ABORTED, EXIT_FILES, EXIT_FAILURE, job_dir_from_argv
+from pathlib import Path
+
+from relion_dynamight.relion.jobdir import EXIT_ABORTED, EXIT_FILES, EXIT_FAILURE, STOP_SIGNALS, job_dir_from_argv
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
@@ -52,14 +54,21 @@ def _abort_during_startup(argv: Sequence[str]) -> None:
     """
 
     def handler(signum: int, frame: object) -> None:
-        print("relion_dynamight: received SIGTERM while starting; aborted", file=sys.stderr, flush=True)
+        print(f"relion_dynamight: received {signal.Signals(signum).name} while starting; aborted", file=sys.stderr,
+              flush=True)
         _write_failure(argv, EXIT_ABORTED)
+        job_dir = job_dir_from_argv(argv)
+        if job_dir is not None:
+            from relion_dynamight.relion.jobguard import release
+
+            release(job_dir)
         os._exit(3)
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread (embedded use)
-        pass
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, OSError):  # not in the main thread (embedded use)
+            pass
 
 
 _WATCHDOG: list[object] = []
@@ -102,12 +111,75 @@ def bound_heap_growth(threshold_bytes: int = 4 << 20) -> bool:
         return False
 
 
+def _claim_job_dir(args: Sequence[str]) -> Path | None:
+    """Refuse another program's job directory and take the job directory's lock (:mod:`.relion.jobguard`),
+    before anything is written there.  Returns the locked directory (None: no job directory, or not rank 0).
+    Raises :class:`SystemExit` with one ERROR line; nothing is written into a directory that is not ours."""
+    from relion_dynamight.relion import jobguard
+
+    job_dir = job_dir_from_argv(args)
+    rank = next((os.environ[v] for v in _RANK_VARS if v in os.environ), "0")
+    if job_dir is None or rank.strip() != "0" or any(a in ("--help", "-h", "--version") for a in args):
+        return None
+    reason = jobguard.foreign_job_reason(job_dir)
+    if reason:
+        _error(f"{reason}, not a DynaMight job; give a DynaMight job directory (e.g. DynaMight/job012/); "
+               "nothing was written there")
+    try:
+        note = jobguard.acquire(job_dir, " ".join(args))
+    except jobguard.JobDirBusy as exc:
+        _error(str(exc))
+    except OSError as exc:
+        _error(_os_error_line(exc, job_dir))
+    if note:
+        print(f"WARNING: {job_dir}: {note}", file=sys.stderr, flush=True)
+    return job_dir
+
+
+def _error(line: str) -> None:
+    print(f"ERROR: {' '.join(line.split())}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _os_error_line(exc: OSError, where: Path) -> str:
+    reason = exc.strerror or type(exc).__name__
+    return f"{exc.filename or where}: cannot create or write the job directory ({reason}); choose a writable path"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = normalize_argv(sys.argv[1:] if argv is None else argv)
     if argv is None:  # a real process, not an in-process call
         _abort_during_startup(args)   # first: a SIGTERM from here on ends in ABORTED
     bound_heap_growth()
-    if argv is None:
+    try:
+        locked = _claim_job_dir(args)
+    except SystemExit as exc:
+        return int(exc.code or 1)
+    try:
+        return _main(args, argv is None)
+    finally:
+        from relion_dynamight.relion.jobguard import release
+
+        release(locked)
+        _flush_or_silence()
+
+
+def _flush_or_silence() -> None:
+    """Flush stdout/stderr; when their reader has gone (``| head``), point them at /dev/null so that Python's
+    own exit flush prints no "Exception ignored ... BrokenPipeError" traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ConnectionResetError, ValueError):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):
+                pass
+
+
+def _main(args: list[str], real_process: bool) -> int:
+    if real_process:
         _start_watchdog(args)
     try:
         import click

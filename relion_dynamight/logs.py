@@ -22,22 +22,46 @@ class _MaxLevel(logging.Filter):
         return record.levelno < self.level
 
 
-def setup_logging(verbose: bool = False, rank: int = 0) -> None:
-    """INFO and WARNING go to stdout (run.out), ERROR to stderr (run.err); each line is flushed.
+class _PipeSafeHandler(logging.StreamHandler):
+    """A stream handler that goes quiet when its reader has gone (``relion_dynamight ... | head``): no
+    "Logging error" traceback, the job carries on and ends with its exit file."""
 
-    Ranks other than 0 only log warnings and errors, prefixed with their rank.
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            silence_closed_stream(self.stream)
+            return
+        super().handleError(record)
+
+
+def silence_closed_stream(stream: object) -> None:
+    """Point ``sys.stdout``/``sys.stderr`` at /dev/null when ``stream`` is one whose reader has gone."""
+    import os
+
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    if stream is sys.stdout or getattr(stream, "fileno", None) and stream is sys.__stdout__:
+        sys.stdout = devnull
+    if stream is sys.stderr:
+        sys.stderr = devnull
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
+            handler.setStream(devnull)
+
+
+def setup_logging(verbose: bool = False, rank: int = 0) -> None:
+    """INFO and WARNING go to stdout (run.out); WARNING and ERROR to stderr (run.err): a warning is seen in
+    both files.  Each line is flushed.  Ranks other than 0 only log warnings and errors, prefixed with their rank.
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     prefix = f"[rank {rank}] " if rank else ""
     fmt = logging.Formatter(prefix + _FORMAT, _DATEFMT)
-    out = logging.StreamHandler(sys.stdout)
+    out = _PipeSafeHandler(sys.stdout)
     out.setFormatter(fmt)
     out.addFilter(_MaxLevel(logging.ERROR))
-    err = logging.StreamHandler(sys.stderr)
+    err = _PipeSafeHandler(sys.stderr)
     err.setFormatter(fmt)
-    err.setLevel(logging.ERROR)
+    err.setLevel(logging.WARNING)
     root.addHandler(out)
     root.addHandler(err)
     root.setLevel(logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING))

@@ -320,6 +320,70 @@ def _latents_nan(root: Path) -> None:
     write_tables(root / LATENTS, blocks, "# version 30001")
 
 
+# -- issue 12: numbers, consistency, job directories ----------------------------------------------------
+def _duplicate_across_halves(root: Path) -> None:
+    def change(optics: pd.DataFrame, particles: pd.DataFrame) -> None:
+        row = particles.iloc[[3]].copy()
+        row["rlnRandomSubset"] = 3 - int(row["rlnRandomSubset"].iloc[0])
+        particles.loc[len(particles)] = row.iloc[0]
+    edit_tables(root, change)
+
+
+def _pixel_sizes_differ(root: Path) -> None:
+    def change(optics: pd.DataFrame, particles: pd.DataFrame) -> None:
+        optics["rlnImagePixelSize"] = optics["rlnImagePixelSize"].astype(float)
+        optics.loc[1, "rlnImagePixelSize"] = 3.3
+    edit_tables(root, change)
+
+
+def _origin_columns(root: Path, agree: bool) -> None:
+    def change(optics: pd.DataFrame, particles: pd.DataFrame) -> None:
+        particles["rlnOriginX"] = particles["rlnOriginXAngst"] / 3.0 + (0.0 if agree else 1.5)
+        particles["rlnOriginY"] = particles["rlnOriginYAngst"] / 3.0
+    edit_tables(root, change)
+
+
+def _latin1(root: Path) -> None:
+    raw = (root / STAR).read_bytes().replace(b"opticsGroup1", "opticsGroupé".encode("latin-1"))
+    put(root, raw)
+
+
+def _zero_map(root: Path, value: float = 0.0) -> None:
+    with mrcfile.new(root / MAP, overwrite=True) as mrc:
+        mrc.set_data(np.full((BOX, BOX, BOX), value, dtype=np.float32))
+        mrc.voxel_size = 3.0
+
+
+def _lock_of(root: Path, pid: int, job: str = JOB) -> None:
+    """A lock file of ``pid`` (this test process: alive; a finished child: stale) in ``job``."""
+    import json
+    import socket
+    import time
+
+    try:
+        ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        ticks = "0"
+    (root / job).mkdir(parents=True, exist_ok=True)
+    (root / job / ".relion_dynamight.lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": pid, "ticks": ticks, "started": time.time(),
+         "command": "optimize-deformations --output-directory " + job}))
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _all_checkpoints_unreadable(root: Path) -> None:
+    for path in (root / TRAINED / "forward_deformations" / "checkpoints").glob("*.h5"):
+        truncate(root, str(path.relative_to(root)), 200)
+
+
 def catalogue() -> list[Case]:
     c: list[Case] = [
         # ---- valid variants: must WORK ----------------------------------------------------------------
@@ -435,6 +499,50 @@ def catalogue() -> list[Case]:
              "no/such/dir", job=None, control=False),
         case("external-unknown-command", nothing, ["external", "frobnicate", "--o", JOB + "/"], "frobnicate",
              control=False),
+        # ---- issue 12: numbers that feed the physics, checked before any work -------------------------
+        case("num-nan-origin", lambda r: set_cell(r, "rlnOriginXAngst", 3, "nan"), reconstruct(),
+             "run_data.star", "rlnOriginXAngst", "nan", "particle 4"),
+        case("num-nan-defocus-training", lambda r: set_cell(r, "rlnDefocusU", 7, "nan"), train(), "rlnDefocusU",
+             "particle 8"),
+        case("num-overflowing-defocus", lambda r: set_cell(r, "rlnDefocusV", 2, "1e30"), reconstruct(),
+             "rlnDefocusV", "1e+30"),
+        case("num-voltage-zero", lambda r: set_cell(r, "rlnVoltage", 0, 0.0, block="optics"), reconstruct(),
+             "rlnVoltage", "optics group"),
+        case("num-ctf-scale-zero", lambda r: set_cell(r, "rlnCtfScalefactor", 5, 0.0), reconstruct(),
+             "rlnCtfScalefactor", "particle 6"),
+        case("num-amplitude-contrast-above-one", lambda r: set_cell(r, "rlnAmplitudeContrast", 1, 7.0, block="optics"),
+             reconstruct(), "rlnAmplitudeContrast"),
+        case("num-inf-angle", lambda r: set_cell(r, "rlnAngleTilt", 9, "inf"), train(), "rlnAngleTilt", "inf"),
+        case("opt-maxres-inf", nothing, reconstruct(STAR, f"{JOB}/map.mrc", "--maxres", "inf"), "--maxres",
+             "finite"),
+        case("opt-regularization-nan", nothing, train(STAR, MAP, JOB, "--regularization-factor", "nan"),
+             "--regularization-factor", "finite"),
+        case("opt-thousands-of-latent-dimensions", nothing, train(STAR, MAP, JOB, "--n-latent-dimensions", "5000"),
+             "--n-latent-dimensions", "5000"),
+        case("opt-zero-threads", nothing, reconstruct(STAR, f"{JOB}/map.mrc", "--j", "0"), "--j"),
+        case("ok-more-threads-than-cores", nothing, reconstruct(STAR, f"{JOB}/map.mrc", "--j", "4096"), ok=True),
+        case("map-all-zero", _zero_map, train(), "run_class001.mrc", "all zero"),
+        case("map-constant", lambda r: _zero_map(r, 2.5), train(), "run_class001.mrc", "constant"),
+        # ---- issue 12: data consistency that silently changes science ----------------------------------
+        case("halves-same-image-in-both", _duplicate_across_halves, reconstruct(STAR, f"{JOB}/map.mrc", "--halves"),
+             "appears 2 times", "both half sets"),
+        case("halves-subset-one-and-a-half", lambda r: set_cell(r, "rlnRandomSubset", 4, 1.5), train(),
+             "rlnRandomSubset", "1.5"),
+        case("optics-pixel-sizes-differ", _pixel_sizes_differ, reconstruct(), "pixel sizes", "3.3"),
+        case("origins-pixels-and-angstrom-disagree", lambda r: _origin_columns(r, False), reconstruct(),
+             "rlnOriginX", "disagree"),
+        case("ok-origins-pixels-and-angstrom-agree", lambda r: _origin_columns(r, True), reconstruct(), ok=True),
+        case("ok-latin1-star-file", _latin1, reconstruct(), ok=True),
+        # ---- issue 12: one job per directory, only our directories -------------------------------------
+        case("dir-locked-by-a-running-task", lambda r: _lock_of(r, os.getpid()), train(), "in use",
+             ".relion_dynamight.lock", job=None, control=False),
+        case("ok-stale-lock-taken-over", lambda r: _lock_of(r, _dead_pid()), reconstruct(), ok=True),
+        case("dir-refinement-job-as-output", nothing, train(STAR, MAP, "Refine3D/job001"), "Refine3D",
+             "not a DynaMight job", job=None, control=False),
+        case("dir-output-directory-is-a-file", _output_dir_is_a_file, train(STAR, MAP, "Blocker"), "Blocker",
+             job=None, control=False),
+        case("ckpt-every-checkpoint-unreadable", _all_checkpoints_unreadable, train(STAR, MAP, TRAINED),
+             "can be read", "new output directory", base="trained", job=TRAINED),
         case("external-bad-in-parts", lambda r: put(r, "", "empty.star"),
              ["external", "reconstruct", "--o", JOB + "/", "--in_parts", "empty.star", "--j", "1"], "empty.star",
              control=False),

@@ -29,7 +29,8 @@ from conftest import run_cli
 from launcher_server import LauncherServer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "relion_dynamight"
-EXIT_FILES = ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED", "RELION_JOB_ABORT_NOW")
+EXIT_FILES = ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED", "RELION_JOB_ABORT_NOW",
+              ".relion_dynamight.lock")   # protocol files (a stale lock is taken over)
 ENV = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "MPLBACKEND": "Agg"}
 CASES = catalogue()
 #: Cases run this many at a time.  Each is its own single-threaded subprocess (the test process only waits),

@@ -95,3 +95,13 @@ def test_listing_order_and_prune(tmp_path):
     ckpt.prune(tmp_path, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == names[:3]
     assert not list(ckpt.checkpoint_dir(tmp_path).glob(".*tmp"))  # no temporary files left
+
+
+def test_all_checkpoints_unreadable_is_refused_not_restarted(tmp_path):
+    """Issue 12: when every checkpoint is damaged, training must not silently start at epoch 0 over them."""
+    for e in (1, 2):
+        p = ckpt.save_checkpoint(ckpt.epoch_path(tmp_path, e), _state({"a": 1}, epoch=e))
+        p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="none of the 2 checkpoint.*new output directory"):
+        ckpt.load_latest(tmp_path, fingerprint=(10, "abc"))
+    assert ckpt.load_latest(tmp_path / "empty") is None          # no checkpoints at all: a fresh start

@@ -24,7 +24,21 @@ def exit_files(job_dir: Path) -> set[str]:
     return {p.name for p in job_dir.iterdir() if p.name.startswith("RELION_JOB_EXIT")}
 
 
-def test_success_writes_nodes_then_one_exit_file(tmp_path: Path) -> None:
+def _map(path: Path, values) -> Path:  # noqa: ANN001
+    import numpy as np
+
+    from relion_dynamight.relion.mrc import write_map
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_map(path, np.asarray(values, dtype=np.float32), 1.0)
+    return path
+
+
+def test_success_writes_nodes_then_one_exit_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    _map(tmp_path / NODE, np.random.default_rng(0).normal(size=(8, 8, 8)))
     (tmp_path / EXIT_FAILURE).touch()  # stale file from an earlier run
     (tmp_path / ABORT_NOW).touch()
     code = run_task("t", tmp_path, lambda job: [(NODE, LABEL)])
@@ -129,3 +143,28 @@ def test_sigterm_becomes_aborted(tmp_path: Path) -> None:
     proc.wait(timeout=30)
     assert time.monotonic() - start < 10
     assert exit_files(tmp_path) == {EXIT_ABORTED}
+
+
+@pytest.mark.parametrize("content,said", [("nan", "NaN or Inf"), ("zero", "all zero"), ("constant", "constant (3)"),
+                                          ("missing", "was not written"), ("empty-star", "no rows")])
+def test_no_success_with_garbage_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture, content: str, said: str) -> None:
+    """Issue 12: every task's declared outputs (and the files it asks to check) are checked before SUCCESS."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / ("out.star" if content == "empty-star" else "out.mrc")
+    values = {"nan": np.full((6, 6, 6), np.nan), "zero": np.zeros((6, 6, 6)), "constant": np.full((6, 6, 6), 3.0)}
+    if content in values:
+        _map(target, values[content])
+    elif content == "empty-star":
+        target.write_text("data_particles\n\nloop_\n_rlnImageName #1\n")
+
+    def task(job: Job) -> list:
+        job.outputs_to_check.append(target)
+        return []
+
+    assert run_task("t", tmp_path / "job", task) == 1
+    assert exit_files(tmp_path / "job") == {EXIT_FAILURE}
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("ERROR: output ") and said in err[0], err

@@ -218,6 +218,7 @@ def _inverse_for(out: Path, half: int, inputs: inv.ForwardInputs, device: torch.
 
 
 def _particles(inputs: inv.ForwardInputs, preload: bool) -> Any:
+    from relion_dynamight.relion.particle_checks import require_one_pixel_size
     from relion_dynamight.relion.particles import ParticleData
     from relion_dynamight.training.halves import fingerprint
 
@@ -225,6 +226,7 @@ def _particles(inputs: inv.ForwardInputs, preload: bool) -> Any:
     if not star:
         raise InputError(f"{inputs.checkpoint} does not name its particles STAR file; rerun optimize-deformations")
     data = ParticleData(star, preload=preload)
+    require_one_pixel_size(data.table)
     if tuple(fingerprint(data.table.image_names)) != tuple(inputs.state["fingerprint"]):
         raise InputError(f"{star} no longer lists the particles the checkpoint {inputs.checkpoint} was trained on "
                          f"({len(data)} vs {inputs.state['fingerprint'][0]} particles or other image names)")

@@ -32,7 +32,7 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
         atomic_model: Path | None = None, mask_file: Path | None = None, seed: int = 0,
         validation_fraction: float = 0.1, schedule: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """Run the task (see the module docstring); returns no output nodes (RELION declares none here)."""
-    from relion_dynamight.parallel.device import choose_device
+    from relion_dynamight.parallel.device import choose_device, thread_count
     from relion_dynamight.parallel.mpi import world
     from relion_dynamight.relion.particles import ParticleData
 
@@ -41,13 +41,16 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
     _check_options(n_gaussians, n_latent_dimensions, n_epochs, batch_size, regularization_factor)
     out = Path(output_directory)
     comm = world()
-    torch.set_num_threads(max(1, int(n_threads)))
+    torch.set_num_threads(thread_count(int(n_threads), "--n-threads"))
     device = choose_device(gpu_id, comm.local_rank)
     if comm.size > 2:
         log.warning("WARNING: %d MPI ranks; only ranks 0 and 1 train (one half each)", comm.size)
     log.info("Device: %s, %d thread(s), %d MPI rank(s)", device, torch.get_num_threads(), comm.size)
 
+    from relion_dynamight.relion.particle_checks import require_one_pixel_size
+
     data = ParticleData(refinement_star_file, preload=preload_images)
+    require_one_pixel_size(data.table)
     fp = fingerprint(data.table.image_names)
     volume, map_pixel = _read_consensus(initial_model, data)
     requested = default_config(
@@ -100,8 +103,13 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
         log.info("Final checkpoint: %s", final)
         from relion_dynamight.training.outputs import write_outputs
 
-        write_outputs(out, data.table, split, latents, final, config)  # type: ignore[arg-type]
+        written = write_outputs(out, data.table, split, latents, final, config)  # type: ignore[arg-type]
+        job.outputs_to_check += [written["latent_space"], written["consensus_half1"], written["consensus_half2"]]
     return []
+
+
+#: Largest latent dimension accepted (the encoder's last hidden layer has 128 units).
+MAX_LATENT = 128
 
 
 def _check_options(n_gaussians: int, latent: int, n_epochs: int, batch_size: int | None, reg: float) -> None:
@@ -109,12 +117,39 @@ def _check_options(n_gaussians: int, latent: int, n_epochs: int, batch_size: int
         raise InputError(f"--n-gaussians {n_gaussians} is too small; use at least 3 (typically 1000-30000)")
     if latent < 1:
         raise InputError(f"--n-latent-dimensions {latent} must be at least 1")
+    if latent > MAX_LATENT:
+        raise InputError(f"--n-latent-dimensions {latent}: at most {MAX_LATENT} (DynaMight uses 6; a few more for "
+                         "complex motions)")
+    if latent > 16:
+        log.warning("WARNING: --n-latent-dimensions %d is far above DynaMight's 6: training is slower and the "
+                    "latent space harder to read", latent)
     if n_epochs < 1:
         raise InputError(f"--n-epochs {n_epochs} must be at least 1")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be at least 1")
     if reg < 0:
         raise InputError(f"--regularization-factor {reg} must not be negative")
+
+
+def check_consensus_map(volume: Any, path: Path) -> None:
+    """Refuse a consensus map that cannot be a refinement's (non-finite, constant) and warn about one that looks
+    contrast-inverted (the protein darker than the solvent), before the Gaussians are fitted to it."""
+    import numpy as np
+
+    vol = np.asarray(volume, dtype=np.float64)
+    if not np.isfinite(vol).all():
+        raise InputError(f"{path}: the consensus map has {int((~np.isfinite(vol)).sum())} NaN/Inf voxels; give the "
+                         "refinement's map (run_class001.mrc)")
+    lo, hi = float(vol.min()), float(vol.max())
+    if hi - lo <= 1e-12 * max(abs(hi), abs(lo), 1e-30):
+        what = "all zero" if hi == 0.0 and lo == 0.0 else f"constant ({hi:g})"
+        raise InputError(f"{path}: the consensus map is {what}; give the refinement's map (run_class001.mrc)")
+    median = float(np.median(vol))
+    if median - lo > 3.0 * (hi - median):
+        log.warning("WARNING: %s looks contrast-inverted (its darkest voxel is %.1f× further from the median than "
+                    "its brightest); RELION maps have bright protein: invert it (relion_image_handler "
+                    "--multiply_constant -1) if the Gaussians land in the solvent", path,
+                    (median - lo) / max(hi - median, 1e-30))
 
 
 def _read_consensus(path: Path, data: Any) -> tuple[torch.Tensor, float]:
@@ -129,6 +164,7 @@ def _read_consensus(path: Path, data: Any) -> tuple[torch.Tensor, float]:
     if abs(pixel - particle_pixel) > PIXEL_TOLERANCE * particle_pixel:
         raise InputError(f"{path}: map pixel size {pixel:.4f} Å differs from the particles' {particle_pixel:.4f} Å "
                          "by more than 1 %; give the matching consensus map")
+    check_consensus_map(volume, path)
     if abs(pixel - particle_pixel) > 1e-4 * particle_pixel:
         log.warning("WARNING: map pixel size %.4f Å differs slightly from the particles' %.4f Å; using the "
                     "particles' pixel size", pixel, particle_pixel)
@@ -153,6 +189,7 @@ def _initial_model(volume: torch.Tensor, config: dict[str, Any], atomic_model: P
         gen = rng.generator(int(config["seed"]), 0, 3)
         model = initialize_from_map(volume.to(device), int(config["n_gaussians"]), config.get("initial_threshold"),
                                     generator=gen)
+        config["n_gaussians"] = model.n_gaussians   # fewer when the threshold selects too few voxels
     tree = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in gaussian_tree(model.params()).items()}
     if edges is not None:
         tree["edges"] = edges

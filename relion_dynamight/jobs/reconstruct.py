@@ -108,16 +108,19 @@ def run(job: "Job", star: Path, output: Path, subset: int | None = None, ctf: bo
     """Reconstruct ``star`` into ``output`` (see module docstring); returns the output nodes."""
     from relion_dynamight.parallel.device import choose_device
     from relion_dynamight.relion.mrc import write_map
+    from relion_dynamight.relion.particle_checks import require_one_pixel_size
     from relion_dynamight.relion.particles import ParticleData
 
-    torch.set_num_threads(max(1, int(threads)))
+    from relion_dynamight.parallel.device import thread_count
+
+    torch.set_num_threads(thread_count(int(threads), "--j"))
     comm = world()
     star, output = Path(star), Path(output)
     _check_options(star, output, subset, halves, maxres, batch_size)
     data = ParticleData(star)
     _check_not_input(output, star, data)
     groups, names = _select(data, star, subset, halves)
-    pixel = float(data.pixel_sizes[int(groups[0][0])])
+    pixel = require_one_pixel_size(data.table)
     radius = None if maxres is None else min(math.ceil(data.box * pixel / maxres), data.box / 2)
     device = choose_device("", comm.local_rank)
     log.info("Reconstructing %d particles of %s (box %d, %.3f Å/px, CTF %s, %d rank(s), %s)",

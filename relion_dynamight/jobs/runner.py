@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterable
 
-from relion_dynamight.errors import InputError, JobAborted
+from relion_dynamight.errors import BadOutput, InputError, JobAborted
 from relion_dynamight.logs import setup_logging
 from relion_dynamight.relion.jobdir import Job
 
@@ -31,11 +31,15 @@ def run_task(name: str, job_dir: Path | None, task: Task) -> int:
     setup_logging(rank=comm.rank)
     job = Job(job_dir, writer=comm.rank == 0)
     job.start()
-    log.info("relion_dynamight %s started%s", name, f" in {job_dir}" if job_dir else "")
     try:
-        nodes = task(job) or []
+        log.info("relion_dynamight %s started%s", name, f" in {job_dir}" if job_dir else "")
+        nodes = list(task(job) or [])
         comm.barrier()
-    except InputError as exc:
+        if comm.rank == 0:
+            from relion_dynamight.relion.output_checks import check_outputs
+
+            check_outputs([name for name, _ in nodes] + [str(p) for p in job.outputs_to_check])
+    except (InputError, BadOutput) as exc:
         print(f"ERROR: {exc}", file=sys.stderr, flush=True)
         return _fail(job, comm)
     except JobAborted as exc:
@@ -52,8 +56,11 @@ def run_task(name: str, job_dir: Path | None, task: Task) -> int:
         traceback.print_exc(file=sys.stderr)
         print(f"ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return _fail(job, comm)
-    job.succeed(nodes)
-    log.info("relion_dynamight %s finished successfully", name)
+    try:
+        job.succeed(nodes)
+        log.info("relion_dynamight %s finished successfully", name)
+    except JobAborted:       # a stop signal while the exit file was being written: the job did finish
+        pass
     return 0
 
 

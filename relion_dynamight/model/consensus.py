@@ -172,6 +172,10 @@ def _sample_points(volume: Tensor, threshold: float, n: int, generator: torch.Ge
             f"initial threshold {threshold:g} selects no voxel of the consensus map (its maximum is "
             f"{float(volume.max()):g}); give a lower --initial-threshold or leave it out for the automatic one"
         )
+    if n > 8 * idx.shape[0]:
+        log.warning("WARNING: %d Gaussians for %d voxels above the threshold %g: using %d (8 per voxel); give a "
+                    "lower --initial-threshold or fewer --n-gaussians", n, idx.shape[0], threshold, 8 * idx.shape[0])
+        n = 8 * int(idx.shape[0])
     pick = torch.randint(idx.shape[0], (n,), generator=generator)
     jitter = torch.rand((n, 3), generator=generator, dtype=torch.float64) - 0.5
     zyx = idx[pick].double() + jitter
@@ -382,6 +386,7 @@ def initialize_from_map(
     if threshold is None:
         threshold = auto_threshold(volume, n_gaussians)
     points = _sample_points(volume, threshold, int(n_gaussians), generator).to(volume.device)
+    n_gaussians = points.shape[0]
     width = max(mean_neighbour_distance(points), 0.5) if points.shape[0] > 2 else 2.0
     model = GaussianModel(points, 1.0, width)
     corr = fit_to_map(model, volume, n_steps=n_steps)
@@ -401,8 +406,13 @@ def from_atomic_model(path: str | Path, box: int, pixel_size: float) -> tuple[Ga
     centres, weights, edges = coarse_grain(path)
     points = torch.as_tensor(centres, dtype=torch.float32) / float(pixel_size) - box // 2
     outside = int(((points.abs() > box / 2).any(dim=1)).sum())
+    if outside * 2 > len(points):
+        raise InputError(f"{path}: {outside} of {len(points)} coarse-grained atoms lie outside the {box}-pixel box "
+                         f"at {pixel_size:g} Å/px; fit the model into the consensus map (same origin) and save it "
+                         "again")
     if outside:
-        log.warning("%d of %d coarse-grained Gaussians from %s lie outside the box", outside, len(points), path)
+        log.warning("WARNING: %d of %d coarse-grained Gaussians from %s lie outside the box", outside, len(points),
+                    path)
     z = torch.as_tensor(weights, dtype=torch.float32)
     width = max(mean_neighbour_distance(points), 0.5) if points.shape[0] > 2 else 1.0
     model = GaussianModel(points, 1.0, width, relative_amplitudes=z / z.mean())

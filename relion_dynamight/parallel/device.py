@@ -31,3 +31,22 @@ def choose_device(gpu_id: str | None, local_rank: int = 0) -> torch.device:
     if gid < 0 or gid >= n:
         raise InputError(f"--gpu-id {text!r}: GPU {gid} does not exist (this node has {n}); choose 0..{n - 1}")
     return torch.device(f"cuda:{gid}")
+
+
+def thread_count(requested: int, option: str) -> int:
+    """Threads to use for ``option``: at least 1 (else :class:`InputError`), at most the CPUs this process may
+    run on (more only oversubscribes the cores and slows the job; a WARNING says so and the count is clamped)."""
+    import logging
+    import os
+
+    if requested < 1:
+        raise InputError(f"{option} {requested}: must be at least 1")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if requested > cores:
+        logging.getLogger("relion_dynamight").warning(
+            "WARNING: %s %d but this process may use %d CPU core(s); using %d", option, requested, cores, cores)
+        return cores
+    return int(requested)

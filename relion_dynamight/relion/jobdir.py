@@ -25,6 +25,8 @@ EXIT_ABORTED = "RELION_JOB_EXIT_ABORTED"
 ABORT_NOW = "RELION_JOB_ABORT_NOW"
 OUTPUT_NODES = "RELION_OUTPUT_NODES.star"
 EXIT_FILES = (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED)
+#: Signals that stop a job with ABORTED (SIGHUP: the terminal or the ssh session closed).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 #: RELION 3.1 integer node types for the labels we declare (relion-facts §2).
 LEGACY_NODE_TYPES = {
@@ -134,6 +136,20 @@ def read_output_nodes(job_dir: Path) -> list[tuple[str, str]]:
     return rows
 
 
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT/SIGHUP back (delivered on exit from the block) where the platform allows it."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Job:
     """The exit-file and abort state of one job directory.
 
@@ -145,6 +161,8 @@ class Job:
         self.job_dir = Path(job_dir) if job_dir is not None else None
         self.writer = writer
         self._terminated = False
+        #: Files the task wrote that are not output nodes but must pass the output check before SUCCESS.
+        self.outputs_to_check: list[Path] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -156,16 +174,22 @@ class Job:
                     (self.job_dir / name).unlink()
                 except FileNotFoundError:
                     pass
-        try:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not in the main thread
-            pass
+        for sig in STOP_SIGNALS:
+            try:
+                signal.signal(sig, self._on_stop_signal)
+            except (ValueError, OSError):  # not in the main thread
+                pass
 
-    def _on_sigterm(self, signum: int, frame: object) -> None:
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        """SIGTERM/SIGINT/SIGHUP: stop with ABORTED.  Only the first signal raises; clusters send several
+        (``scancel``, ``timeout`` and MPI launchers signal the whole process group, wrappers forward another),
+        and a second one must not interrupt the clean-up of the first."""
+        if self._terminated:
+            return
         self._terminated = True
         from relion_dynamight.errors import JobAborted
 
-        raise JobAborted("received SIGTERM")
+        raise JobAborted(f"received {signal.Signals(signum).name}")
 
     def abort_requested(self) -> bool:
         return self._terminated or (self.job_dir is not None and (self.job_dir / ABORT_NOW).exists())
@@ -180,6 +204,11 @@ class Job:
     def _touch(self, name: str) -> None:
         if self.job_dir is None or not self.writer:
             return
+        with _stop_signals_blocked():   # a stop signal must not leave the directory without an exit file
+            self._write_exit_file(name)
+
+    def _write_exit_file(self, name: str) -> None:
+        assert self.job_dir is not None
         self.job_dir.mkdir(parents=True, exist_ok=True)
         for other in EXIT_FILES:
             if other != name:

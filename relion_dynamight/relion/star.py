@@ -11,6 +11,7 @@ arrays from them; :func:`write_particles` writes them back, optionally a row sub
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import torch
 
 from relion_dynamight.errors import InputError
 from relion_dynamight.imaging.ctf import CtfParams
+
+log = logging.getLogger("relion_dynamight")
 
 #: Columns whose values are names: never parse them as numbers (zero-padded names would change).
 STRING_COLUMNS = [
@@ -81,22 +84,43 @@ def read_star(path: str | Path) -> dict[str, pd.DataFrame]:
 
 def _parse_star(path: Path) -> dict:
     """``starfile.read``; when that fails on a file with comment lines (e.g. a comment among the loop
-    labels, which RELION ignores), parse a copy without them (in the system's temporary directory)."""
+    labels, which RELION ignores) or on a file that is not UTF-8 (Latin-1 names written by older tools,
+    read byte for byte as Latin-1, with a warning), parse a cleaned copy (in the system's temporary directory)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:   # (starfile would silently return no tables)
+        if b"\x00" in raw[:65536]:
+            raise InputError(f"{path}: STAR file is binary, not text (a NUL byte at the start); give a particle "
+                             "STAR file") from None
+        log.warning("WARNING: %s is not UTF-8 (byte 0x%02x at offset %d); reading it as Latin-1", path,
+                    raw[exc.start], exc.start)
+        return _parse_lines(raw.decode("latin-1").splitlines(keepends=True), drop_comments=False)
+    del raw
     try:
         return starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
     except (ValueError, pd.errors.ParserError):
         with open(path, encoding="utf-8") as fh:
             lines = fh.readlines()
-        kept = [line for line in lines if not line.lstrip().startswith("#")]
-        if len(kept) == len(lines):
+        if not any(line.lstrip().startswith("#") for line in lines):
             raise
-        fd, tmp = tempfile.mkstemp(suffix=".star")
+        return _parse_lines(lines, drop_comments=True)
+
+
+def _parse_lines(lines: list[str], drop_comments: bool) -> dict:
+    kept = [line for line in lines if not (drop_comments and line.lstrip().startswith("#"))]
+    fd, tmp = tempfile.mkstemp(suffix=".star")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.writelines(kept)
             return starfile.read(tmp, always_dict=True, parse_as_string=STRING_COLUMNS)
-        finally:
-            os.unlink(tmp)
+        except (ValueError, pd.errors.ParserError):
+            if drop_comments:
+                raise
+            return _parse_lines(kept, drop_comments=True)
+    finally:
+        os.unlink(tmp)
 
 
 def _numeric(series: pd.Series, path: Path, name: str) -> np.ndarray:
@@ -247,7 +271,13 @@ class ParticleTable:
         """``(n,)`` int64 half-set numbers 1/2 from ``rlnRandomSubset``; ``None`` when absent."""
         if "rlnRandomSubset" not in self.particles:
             return None
-        return self.particles["rlnRandomSubset"].to_numpy(dtype=np.int64)
+        values = _numeric(self.particles["rlnRandomSubset"], self.path, "rlnRandomSubset")
+        bad = np.flatnonzero((values != 1) & (values != 2))
+        if bad.size:
+            row = int(bad[0])
+            raise InputError(f"{self.path}: _rlnRandomSubset must be 1 or 2, found {values[row]:g} for particle "
+                             f"{row + 1} ({self.particles['rlnImageName'].iloc[row]}); fix or remove the column")
+        return values.astype(np.int64)
 
     @property
     def ctf_premultiplied(self) -> np.ndarray:
@@ -309,16 +339,18 @@ def _validate(table: ParticleTable) -> None:
         values = pd.to_numeric(table.particles[col] if col in particles else optics[col], errors="coerce")
         bad = np.flatnonzero(~np.isfinite(values.to_numpy(dtype=np.float64)))
         if bad.size:
-            raise InputError(f"{path}: column _{col} has a missing or non-numeric value in particle row "
-                             f"{bad[0] + 1}; repair the STAR file")
+            row = int(bad[0])
+            raw = (table.particles[col] if col in particles else optics[col]).iloc[row]
+            where = (f"particle {row + 1} ({particles['rlnImageName'].iloc[row]})" if col in particles
+                     else f"optics group row {row + 1}")
+            raise InputError(f"{path}: _{col} is {raw!r} for {where} ({bad.size} such value(s)), not a finite "
+                             "number; repair or remove those particles")
     table.pixel_sizes  # noqa: B018 - raises InputError when no pixel size can be found
     table.optics_image_size()
-    subset = table.random_subset
-    if subset is not None:
-        bad = np.flatnonzero((subset != 1) & (subset != 2))
-        if bad.size:
-            raise InputError(f"{path}: _rlnRandomSubset must be 1 or 2, found {subset[bad[0]]} in particle row "
-                             f"{bad[0] + 1}; fix or remove the column")
+    table.random_subset  # noqa: B018 - raises InputError for values other than 1 and 2
+    from relion_dynamight.relion.particle_checks import check_particles
+
+    check_particles(table)
 
 
 def _validate_optics(table: ParticleTable) -> None:

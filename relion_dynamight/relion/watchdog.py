@@ -4,7 +4,9 @@ A process killed by SIGKILL (the kernel's OOM killer, a scheduler, ``mpiexec`` c
 rank died) cannot write an exit file itself, and RELION would show the job as "Running" forever.  The
 launcher therefore starts ``python -m relion_dynamight.relion.watchdog PID JOB_DIR`` (standard library
 only, in its own session so that a launcher's clean-up does not take it along).  It polls ``PID``; when
-that process is gone and no exit file was written since the watchdog started, it writes FAILURE.
+that process is gone and no exit file was written since the watchdog started, it writes FAILURE, unless the
+job directory's lock (:mod:`.jobguard`) now belongs to another task: RELION 5 starts the next task of a job in
+the same directory within a second of the previous exit file, and that task's exit files are not ours.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from relion_dynamight.relion.jobdir import EXIT_FAILURE, EXIT_FILES
+from relion_dynamight.relion.jobguard import LOCK_NAME, read_lock
 
 POLL_SECONDS = 0.2
 
@@ -59,12 +62,20 @@ def watch(pid: int, job_dir: Path, poll: float = POLL_SECONDS) -> bool:
     time.sleep(poll)  # let a last exit file reach the disk
     if has_fresh_exit_file(job_dir, since) or not job_dir.is_dir():
         return False
+    held = read_lock(job_dir)
+    if held is not None and held.get("pid") != pid:
+        return False      # a later task runs in this directory now: its exit files are not ours to write
     for name in EXIT_FILES:
         try:
             (job_dir / name).unlink()
         except FileNotFoundError:
             pass
     (job_dir / EXIT_FAILURE).touch()
+    if held is not None:
+        try:
+            (job_dir / LOCK_NAME).unlink()
+        except FileNotFoundError:
+            pass
     return True
 
 

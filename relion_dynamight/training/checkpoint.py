@@ -231,13 +231,19 @@ def load_latest(output_dir: Path, device: torch.device | str | None = None,
     A damaged file is reported with a warning naming it, and the previous one is tried.  A checkpoint
     of another particle set is an error (the directory belongs to another run).
     """
-    for path in list_checkpoints(output_dir):
+    paths = list_checkpoints(output_dir)
+    for path in paths:
         try:
             return load_checkpoint(path, device, fingerprint)
         except CheckpointError as exc:
             if "another particle set" in str(exc):
                 raise
             log.warning("WARNING: skipping unusable checkpoint: %s", exc)
+    if paths:
+        raise CheckpointError(
+            f"none of the {len(paths)} checkpoint(s) in {checkpoint_dir(output_dir)} can be read, so the training "
+            "cannot continue and starting again would overwrite them; to start afresh use a new output "
+            "directory (or move that folder away)")
     return None
 
 

@@ -329,13 +329,37 @@ class HalfModel:
             terms = {"data": float(data.detach())}
             optimisers = (self.opt_gaussians,)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the loss of half {self.half} became {float(loss)}")
+            raise TrainingDiverged(self._what_diverged(terms, loss))
         for opt in optimisers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
+        bad = self._non_finite_gradient()
+        if bad:
+            raise TrainingDiverged(f"half {self.half}: the gradient of {bad} became NaN/Inf (loss {float(loss):.4g})")
         for opt in optimisers:
             opt.step()
         return terms
+
+    def _what_diverged(self, terms: dict[str, float], loss: Tensor) -> str:
+        """Which loss term (data, KL, geometric) or parameter became non-finite."""
+        bad_terms = [f"{name} term = {value}" for name, value in terms.items() if not math.isfinite(value)]
+        bad_params = [name for name, value in self._named_parameters() if not torch.isfinite(value).all()]
+        parts = bad_terms + ([f"parameters {', '.join(bad_params[:3])} are NaN/Inf"] if bad_params else [])
+        return f"half {self.half}: the loss became {float(loss)} ({'; '.join(parts) or 'the sum overflowed'})"
+
+    def _named_parameters(self) -> list[tuple[str, Tensor]]:
+        return ([(f"gaussians.{n}", p) for n, p in self.gaussians.named_parameters()]
+                + [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters()]
+                + [(f"decoder.{n}", p) for n, p in self.decoder.named_parameters()])
+
+    def _non_finite_gradient(self) -> str | None:
+        grads = [value.grad for _, value in self._named_parameters() if value.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):   # one device sync
+            return None
+        for name, value in self._named_parameters():
+            if value.grad is not None and not torch.isfinite(value.grad).all():
+                return name
+        return None
 
     @torch.no_grad()
     def latents(self, data: Any, indices: np.ndarray, check_abort: Callable[[], None]) -> Tensor:

@@ -141,8 +141,9 @@ class Trainer:
                     last = ckpt.list_checkpoints(self.output_dir)
                     raise InputError(
                         f"training diverged at epoch {epoch + 1}: {exc}; the last good checkpoint is "
-                        f"{last[0] if last else 'none'}; try a smaller --regularization-factor or check the "
-                        "particles and the map") from None
+                        f"{last[0] if last else 'none'} (the inputs' numbers were checked before training; "
+                        "continue from that checkpoint or start afresh with a smaller --regularization-factor)"
+                    ) from None
                 lines.append(stats.line(n_epochs))
                 if model.stopped:
                     lines.append(f"half {h}: validation loss stopped improving; this half stops training")
