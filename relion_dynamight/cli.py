@@ -13,6 +13,12 @@ from typing import Any, Callable
 import click
 
 from relion_dynamight import __version__
+from relion_dynamight.tab_options import TabTaskCommand, log_notes, pick_epochs
+
+
+CHECKPOINT_HELP = ("Use this training checkpoint instead of the final one: forward_deformations/checkpoints/"
+                   "checkpoint_NNN.h5 (HDF5; kept: the 3 newest, every 10th epoch, the best validation epoch and "
+                   "checkpoint_final.h5).  RELION 5's file browser filters *.pth: type the path into the field.")
 
 
 class FiniteFloat(click.ParamType):
@@ -55,7 +61,10 @@ def _run(name: str, job_dir: Path | None, module: str, continues: bool = False, 
 
     from relion_dynamight.jobs.runner import run_task
 
+    ctx = click.get_current_context(silent=True)
+
     def task(job: Any) -> Any:
+        log_notes(ctx)
         if continues:
             from relion_dynamight.relion.project import check_job_type
 
@@ -116,7 +125,7 @@ def cli() -> None:
     """
 
 
-@cli.command("optimize-deformations")
+@cli.command("optimize-deformations", cls=TabTaskCommand)
 @click.option("--refinement-star-file", type=click.Path(path_type=Path), required=True,
               help="Particles STAR file of the consensus refinement (e.g. Refine3D/job010/run_data.star).")
 @click.option("--output-directory", type=click.Path(path_type=Path), default=None,
@@ -134,9 +143,14 @@ def cli() -> None:
 @gpu_option
 @click.option("--n-latent-dimensions", type=int, default=6, show_default=True)
 @click.option("--n-epochs", type=int, default=50, show_default=True, help="Maximum number of epochs.")
+@click.option("--training-epochs", type=int, default=None,
+              help="Same as --n-epochs, but only for this task: safe in RELION's Additional arguments, which reach "
+                   "every task of the job.")
 @click.option("--batch-size", type=int, default=None, help="Particles per batch (default: from a memory estimate).")
 @click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None,
-              help="Start from this checkpoint instead of the job's latest one.")
+              help="Start from this checkpoint instead of the job's latest one.  Checkpoints are HDF5 files "
+                   "forward_deformations/checkpoints/checkpoint_NNN.h5 (RELION 5's browser filters *.pth: type "
+                   "the path).")
 @click.option("--atomic-model", type=click.Path(path_type=Path), default=None,
               help="PDB/mmCIF to coarse-grain into the Gaussian model (risky: can bias the result).")
 @click.option("--mask-file", type=click.Path(path_type=Path), default=None,
@@ -146,6 +160,7 @@ def cli() -> None:
 @pipeline_control_option
 def optimize_deformations(pipeline_control: Path | None, **options: Any) -> None:
     """Train the two half-set VAEs (deformations of a Gaussian model of the consensus map)."""
+    pick_epochs(options, "training_epochs")
     if options.get("output_directory") is None and pipeline_control is None:
         inputs = [(str(options["refinement_star_file"]), "ParticleGroupMetadata.star.relion"),
                   (str(options["initial_model"]), "DensityMap.mrc")]
@@ -158,10 +173,15 @@ def optimize_deformations(pipeline_control: Path | None, **options: Any) -> None
     _run("optimize-deformations", pipeline_control or options["output_directory"], "optimize_deformations", **options)
 
 
-@cli.command("optimize-inverse-deformations")
+@cli.command("optimize-inverse-deformations", cls=TabTaskCommand)
 @click.argument("output_directory", type=click.Path(path_type=Path))
-@click.option("--n-epochs", type=int, default=200, show_default=True)
-@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
+@click.option("--n-epochs", type=int, default=200, show_default=True,
+              help="Epochs of the inverse network (RELION's tab field; a second --n-epochs from the Additional "
+                   "arguments is the training's and is ignored here).")
+@click.option("--inverse-epochs", type=int, default=None,
+              help="Epochs of the inverse network, only for this task (wins over --n-epochs).")
+@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None,
+              help=CHECKPOINT_HELP)
 @click.option("--save-deformations", is_flag=True, help="Cache deformed positions in RAM instead of recomputing.")
 @click.option("--preload-images", is_flag=True)
 @click.option("--batch-size", type=int, default=None)
@@ -170,13 +190,15 @@ def optimize_deformations(pipeline_control: Path | None, **options: Any) -> None
 @pipeline_control_option
 def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any) -> None:
     """Train the inverse-deformation networks (deformed position → consensus position)."""
+    pick_epochs(options, "inverse_epochs")
     _run("optimize-inverse-deformations", pipeline_control or options["output_directory"], "optimize_inverse", continues=True, **options)
 
 
-@cli.command("deformable-backprojection")
+@cli.command("deformable-backprojection", cls=TabTaskCommand)
 @click.argument("output_directory", type=click.Path(path_type=Path))
 @click.option("--batch-size", type=int, default=10, show_default=True, help="Particles per insertion batch.")
-@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
+@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None,
+              help=CHECKPOINT_HELP)
 @click.option("--preload-images", is_flag=True)
 @click.option("--group-resolution", type=FINITE, default=0.5, show_default=True,
               help="Particles whose deformations agree within this RMS (pixels) share one warp; 0 = one per particle.")
@@ -200,10 +222,11 @@ def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> 
     _run("deformable-backprojection", pipeline_control or options["output_directory"], "backprojection", continues=True, **options)
 
 
-@cli.command("explore-latent-space")
+@cli.command("explore-latent-space", cls=TabTaskCommand)
 @click.argument("output_directory", type=click.Path(path_type=Path))
 @click.option("--half-set", type=int, default=1, show_default=True, help="1 or 2; 0 = validation particles.")
-@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None)
+@click.option("--checkpoint-file", type=click.Path(path_type=Path), default=None,
+              help=CHECKPOINT_HELP)
 @click.option("--no-gui", is_flag=True, help="Headless: write figures, maps and subsets only.")
 @click.option("--latent-points", type=click.Path(path_type=Path), default=None,
               help="Text file, one latent point per line (L numbers, or 2 PCA coordinates): a deformed map each.")

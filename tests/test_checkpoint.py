@@ -92,7 +92,7 @@ def test_listing_order_and_prune(tmp_path):
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["checkpoint_final.h5", "checkpoint_011.h5", "checkpoint_010.h5", "checkpoint_002.h5",
                      "checkpoint_001.h5"]
-    ckpt.prune(tmp_path, keep=2)
+    ckpt.prune(tmp_path, keep=2, every=0)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == names[:3]
     assert not list(ckpt.checkpoint_dir(tmp_path).glob(".*tmp"))  # no temporary files left
 
@@ -105,3 +105,12 @@ def test_all_checkpoints_unreadable_is_refused_not_restarted(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="none of the 2 checkpoint.*new output directory"):
         ckpt.load_latest(tmp_path, fingerprint=(10, "abc"))
     assert ckpt.load_latest(tmp_path / "empty") is None          # no checkpoints at all: a fresh start
+
+
+def test_keep_policy_keeps_every_tenth_and_the_best(tmp_path):
+    for e in range(1, 26):
+        ckpt.save_checkpoint(ckpt.epoch_path(tmp_path, e), _state({"a": 1}, epoch=e))
+    ckpt.prune(tmp_path, keep=3, every=10, best_epoch=7)
+    kept = sorted(p.name for p in ckpt.list_checkpoints(tmp_path))
+    assert kept == ["checkpoint_007.h5", "checkpoint_010.h5", "checkpoint_020.h5", "checkpoint_023.h5",
+                    "checkpoint_024.h5", "checkpoint_025.h5"]

@@ -212,6 +212,13 @@ def load_inputs(job_dir: Path, half_set: int, checkpoint_file: Path | None, gpu_
     if len(table) != len(latent.names) or table.image_names != latent.names:
         raise InputError(f"{latent_path} does not list the particles of {star} in the same order "
                          f"({len(latent.names)} vs {len(table)} rows); give the STAR file used for training")
+    if checkpoint_file is not None and Path(checkpoint_file).resolve() != ckpt.final_path(job_dir).resolve():
+        import dataclasses
+
+        from relion_dynamight.training.trained import checkpoint_latents
+
+        codes = checkpoint_latents(state, Path(checkpoint_file), job_dir, device)   # that checkpoint's encoders
+        latent = dataclasses.replace(latent, z=codes.to(latent.z.dtype))
     models, trainers = models_from_checkpoint(state, device)
     box = int(config["box"])
     pixel = float(config.get("pixel_size") or table.pixel_sizes[0])

@@ -80,6 +80,10 @@ def load_forward(output_dir: Path, checkpoint_file: Path | None, next_command: s
     if tuple(fingerprint(names)) != tuple(state["fingerprint"]):
         raise InputError(f"{path} belongs to another particle set than {latent_path} (image names differ); "
                          "give the checkpoint of this job with --checkpoint-file")
+    if checkpoint_file and path.resolve() != ckpt.final_path(out).resolve():
+        from relion_dynamight.training.trained import checkpoint_latents
+
+        latents = checkpoint_latents(state, path, out)   # that checkpoint's encoders, not the final epoch's
     return ForwardInputs(state=state, checkpoint=path, latents=latents, half=half, image_names=names)
 
 

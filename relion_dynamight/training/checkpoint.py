@@ -247,8 +247,13 @@ def load_latest(output_dir: Path, device: torch.device | str | None = None,
     return None
 
 
-def prune(output_dir: Path, keep: int = 3) -> None:
-    """Remove all but the ``keep`` newest numbered checkpoints (the final one is always kept)."""
+def prune(output_dir: Path, keep: int = 3, every: int = 10, best_epoch: int | None = None) -> None:
+    """The keep policy: the ``keep`` newest numbered checkpoints, every ``every``-th epoch (0 = none), the epoch
+    ``best_epoch`` (lowest validation loss) and ``checkpoint_final.h5``; the others are removed.  Names are
+    ``checkpoint_NNN.h5`` (epochs done, zero-padded: ``ls`` lists them in order)."""
     numbered = [p for p in list_checkpoints(output_dir) if p.name != "checkpoint_final.h5"]
     for old in numbered[keep:]:
+        epoch = int(_EPOCH_RE.search(old.name).group(1))  # type: ignore[union-attr]
+        if (every > 0 and epoch % every == 0) or epoch == best_epoch:
+            continue
         old.unlink(missing_ok=True)

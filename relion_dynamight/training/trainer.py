@@ -100,8 +100,18 @@ class Trainer:
         path = ckpt.final_path(self.output_dir) if final else ckpt.epoch_path(self.output_dir, epochs_done)
         ckpt.save_checkpoint(path, state)
         if not final:
-            ckpt.prune(self.output_dir, keep=int(self.config.get("keep_checkpoints", 3)))
+            ckpt.prune(self.output_dir, keep=int(self.config.get("keep_checkpoints", 3)),
+                       every=int(self.config.get("keep_every", 10)), best_epoch=self._best_epoch())
         return path
+
+    def _best_epoch(self) -> int | None:
+        """Epochs done at the lowest summed validation loss of the halves (network epochs only)."""
+        totals: dict[int, float] = {}
+        for model in self.models.values():
+            for h in model.history:
+                if h.get("network_phase") and np.isfinite(h.get("val_mse", np.nan)):
+                    totals[int(h["epoch"]) + 1] = totals.get(int(h["epoch"]) + 1, 0.0) + float(h["val_mse"])
+        return min(totals, key=totals.__getitem__) if totals else None
 
     # -- loop ------------------------------------------------------------------------------------
     def _all_stopped(self) -> bool:
