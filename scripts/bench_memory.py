@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys

@@ -58,13 +58,19 @@ def reconstruct(star: str = STAR, out: str = f"{JOB}/map.mrc", *extra: str) -> l
     return ["reconstruct", "--i", star, "--o", out, *extra]
 
 
+def _with_defaults(defaults: dict[str, str], extra: tuple[str, ...]) -> list[str]:
+    """``extra`` plus the ``defaults`` it does not set (a repeated option keeps its first value, as RELION's tab
+    fields do, so a case's own value must not follow a default)."""
+    return [*(x for k, v in defaults.items() if k not in extra for x in (k, v)), *extra]
+
+
 def train(star: str = STAR, model: str = MAP, out: str = JOB, *extra: str) -> list[str]:
     return ["optimize-deformations", "--refinement-star-file", star, "--initial-model", model,
-            "--output-directory", out, "--n-gaussians", "100", "--n-epochs", "1", *extra]
+            "--output-directory", out, *_with_defaults({"--n-gaussians": "100", "--n-epochs": "1"}, extra)]
 
 
 def inverse(*extra: str) -> list[str]:
-    return ["optimize-inverse-deformations", TRAINED, "--n-epochs", "1", *extra]
+    return ["optimize-inverse-deformations", TRAINED, *_with_defaults({"--n-epochs": "1"}, extra)]
 
 
 def backproject(*extra: str) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from bad_input_cases import JOB, PWNED, STAR, TRAINED, Case, catalogue, train
+from bad_input_cases import PWNED, STAR, TRAINED, Case, catalogue, train
 from conftest import run_cli
 from launcher_server import LauncherServer
 

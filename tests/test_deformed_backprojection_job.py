@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from relion_dynamight.imaging.fourier import fsc, resolution_at
+from relion_dynamight.imaging.fourier import fsc
 from relion_dynamight.jobs.simulate import load_truth, simulate_project
 from relion_dynamight.model.decoder import DeformationDecoder
 from relion_dynamight.relion.jobdir import read_output_nodes

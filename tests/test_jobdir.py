@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relion_dynamight.errors import InputError, JobAborted
+from relion_dynamight.errors import InputError
 from relion_dynamight.jobs.runner import run_task
 from relion_dynamight.relion.jobdir import (ABORT_NOW, EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, Job,
                                             job_dir_from_argv, read_output_nodes, write_output_nodes)

@@ -32,7 +32,7 @@ from relion_dynamight.imaging.gaussians import project_gaussians
 from relion_dynamight.model.consensus import GaussianModel, GaussianParams
 from relion_dynamight.training.reference_frame import closest_to_initial
 from relion_dynamight.model.decoder import DeformationDecoder
-from relion_dynamight.model.encoder import Encoder, reparameterize
+from relion_dynamight.model.encoder import Encoder
 from relion_dynamight.model.losses import data_loss, gradient_ratio_lambda, kl_loss
 from relion_dynamight.model.noise import NoiseSpectrum
 from relion_dynamight.model.regularizers import (edge_length_loss, mean_neighbour_distance, neighbour_graph,
