@@ -68,3 +68,37 @@ def test_an_earlier_checkpoint_gives_its_own_codes_and_caches_them(trained: Path
     # the final checkpoint named explicitly is the stored latent_space.star
     named_final = inv.load_forward(job, ckpt.final_path(job), "test")
     assert torch.equal(named_final.latents, final.latents)
+
+
+def test_inverse_training_stops_when_the_held_out_fit_stops_improving(trained: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 (3): the inverse network's epoch count is a maximum; run.out says why it stopped."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(trained)
+    res = subprocess.run([sys.executable, "-m", "relion_dynamight.launcher", "optimize-inverse-deformations",
+                          "DynaMight/job002/", "--n-epochs", "200", "--pipeline-control", "DynaMight/job002/"],
+                         capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
+                                                                            "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    stops = [x for x in res.stdout.splitlines() if "inverse training stops at epoch" in x]
+    assert len(stops) == 2 and all("held-out fit RMS" in x for x in stops), res.stdout[-3000:]
+    epochs = [int(x.split("stops at epoch ")[1].split()[0]) for x in stops]
+    assert all(6 <= e < 200 for e in epochs), epochs
+
+
+def test_converged_rule() -> None:
+    from relion_dynamight.training.inverse import InverseConfig, InverseTrainer
+
+    trainer = InverseTrainer.__new__(InverseTrainer)
+    trainer.config = InverseConfig(patience=3, min_improvement=0.05)
+    trainer.holdout_rows = torch.arange(10)
+    trainer.val_history = [1.0, 0.5, 0.3]
+    assert trainer.converged() is None                       # not enough epochs yet
+    trainer.val_history = [1.0, 0.5, 0.3, 0.2, 0.15, 0.12]
+    assert trainer.converged() is None                       # 40 % better than before the window
+    trainer.val_history = [1.0, 0.5, 0.3, 0.2, 0.199, 0.198, 0.197]
+    assert "improved by 1.5 %" in trainer.converged()
+    trainer.config = InverseConfig(patience=0)
+    assert trainer.converged() is None                       # rule off

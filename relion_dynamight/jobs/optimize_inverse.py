@@ -231,8 +231,9 @@ def _train_half(job: Any, out: Path, inputs: ForwardInputs, half: int, cfg: Inve
             log.info("Half %d: continuing from %s (%d epochs done)", half, path, trainer.epoch)
         elif info is not None:
             log.info("Half %d: %s was trained from another forward checkpoint or seed; starting again", half, path)
-    if trainer.epoch >= cfg.n_epochs:
-        log.info("Half %d: already trained for %d epochs (asked for %d)", half, trainer.epoch, cfg.n_epochs)
+    if trainer.epoch >= cfg.n_epochs or trainer.converged():
+        log.info("Half %d: already trained (%d epochs of at most %d%s)", half, trainer.epoch, cfg.n_epochs,
+                 "; converged" if trainer.converged() else "")
         save_inverse(path, trainer, inputs)  # records the requested n_epochs
         return
     if save_deformations:
@@ -242,13 +243,23 @@ def _train_half(job: Any, out: Path, inputs: ForwardInputs, half: int, cfg: Inve
     log.info("Half %d: training the inverse deformation on %d particles, %d Gaussians, epochs %d..%d",
              half, len(rows), centres.shape[0], trainer.epoch + 1, cfg.n_epochs)
     last_save = time.monotonic()
+    start = time.monotonic()
+    first = trainer.epoch
     while trainer.epoch < cfg.n_epochs:
         t0 = time.monotonic()
         rms = trainer.train_epoch(job.check_abort)
-        log.info("Half %d inverse epoch %d/%d: fit RMS %.3f px, %.1f s", half, trainer.epoch, cfg.n_epochs, rms,
-                 time.monotonic() - t0)
-        if time.monotonic() - last_save > 20 or trainer.epoch == cfg.n_epochs:
+        held = f", held-out {trainer.val_history[-1]:.3f} px" if trainer.val_history else ""
+        eta = (time.monotonic() - start) / (trainer.epoch - first) * (cfg.n_epochs - trainer.epoch)
+        log.info("Half %d inverse epoch %d/%d: fit RMS %.3f px%s, %.1f s (at most %.0f s to go)", half,
+                 trainer.epoch, cfg.n_epochs, rms, held, time.monotonic() - t0, eta)
+        reason = trainer.converged()
+        if reason:
+            log.info("Half %d: inverse training stops at epoch %d of at most %d: %s", half, trainer.epoch,
+                     cfg.n_epochs, reason)
+        if time.monotonic() - last_save > 20 or trainer.epoch == cfg.n_epochs or reason:
             save_inverse(path, trainer, inputs)
             last_save = time.monotonic()
+        if reason:
+            break
     err = trainer.evaluate(torch.arange(min(len(rows), 512)))
     log.info("Half %d: inverse error at the Gaussian centres %.3f px RMS; written %s", half, err, path)

@@ -62,6 +62,12 @@ class InverseConfig:
     n_layers: int = 6
     n_freqs: int = 10
     seed: int = 0
+    # convergence: stop when the held-out fit RMS improved by less than ``min_improvement`` (relative) over the
+    # last ``patience`` epochs (0 = run all ``n_epochs``); ``holdout`` particles of the half are kept out of
+    # the fit to measure it
+    patience: int = 5
+    min_improvement: float = 0.05
+    holdout: int = 256
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +102,12 @@ class InverseTrainer:
         self.generator = torch.Generator(device="cpu").manual_seed(_half_seed(config.seed, half, 2))
         self.epoch = 0
         self.history: list[float] = []
+        self.val_history: list[float] = []
         self.cache: Tensor | None = None
+        n = self.latents.shape[0]
+        k = min(int(config.holdout), n // 5) if config.patience > 0 else 0
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_half_seed(config.seed, half, 3)))
+        self.holdout_rows, self.train_rows = perm[:k].sort().values, perm[k:].sort().values
 
     # -- deformed positions ---------------------------------------------------------------------
     def cache_deformations(self, batch_size: int = 256) -> int:
@@ -139,7 +150,7 @@ class InverseTrainer:
         cfg = self.config
         for group in self.opt.param_groups:
             group["lr"] = self.learning_rate(self.epoch)
-        order = torch.randperm(self.latents.shape[0], generator=self.generator)
+        order = self.train_rows[torch.randperm(self.train_rows.numel(), generator=self.generator)]
         total, count = 0.0, 0
         self.net.train()
         for start in range(0, order.numel(), cfg.batch_size):
@@ -158,7 +169,21 @@ class InverseTrainer:
         self.epoch += 1
         rms = math.sqrt(total / max(count, 1))
         self.history.append(rms)
+        if self.holdout_rows.numel():
+            self.val_history.append(self.evaluate(self.holdout_rows))
         return rms
+
+    def converged(self) -> str | None:
+        """Why training can stop now (held-out fit RMS no longer improving), or None."""
+        cfg, hist = self.config, self.val_history
+        if cfg.patience <= 0 or len(hist) <= cfg.patience:
+            return None
+        before, now = min(hist[: -cfg.patience]), min(hist[-cfg.patience:])
+        gain = (before - now) / max(before, 1e-12)
+        if gain < cfg.min_improvement:
+            return (f"the held-out fit RMS ({now:.3f} px, {self.holdout_rows.numel()} particles) improved by "
+                    f"{100 * gain:.1f} % over the last {cfg.patience} epochs (< {100 * cfg.min_improvement:.0f} %)")
+        return None
 
     def _smoothness(self, z: Tensor) -> Tensor:
         cfg = self.config
@@ -191,7 +216,8 @@ class InverseTrainer:
     def state_tree(self) -> dict[str, Any]:
         return {"net": dict(self.net.state_dict()), "opt": self.opt.state_dict(),
                 "generator": self.generator.get_state(), "epoch": int(self.epoch),
-                "history": torch.tensor(self.history, dtype=torch.float64)}
+                "history": torch.tensor(self.history, dtype=torch.float64),
+                "val_history": torch.tensor(self.val_history, dtype=torch.float64)}
 
     def load_tree(self, tree: dict[str, Any]) -> None:
         self.net.load_state_dict(tree["net"])
@@ -199,6 +225,8 @@ class InverseTrainer:
         self.generator.set_state(tree["generator"].cpu())
         self.epoch = int(tree["epoch"])
         self.history = [float(v) for v in tree["history"].tolist()]
+        val = tree.get("val_history")
+        self.val_history = [float(v) for v in val.tolist()] if val is not None else []
 
 
 # -- using a trained inverse network ----------------------------------------------------------------
