@@ -144,3 +144,56 @@ def wait_for(predicate, what: str, timeout: float = 300.0) -> None:  # noqa: ANN
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("task,option,action", [
+    ("deformable-backprojection", "--data-loader-threads 4", "ignored"),
+    ("deformable-backprojection", "--mask-file m.mrc", "refused"),
+    ("deformable-backprojection", "--n-warmup-epochs 5", "ignored"),      # the original's training option
+    ("visualize", "--n-workers 8", "ignored"),
+    ("visualize", "--cluster", "refused"),
+    ("new", "--particle-diameter 200", "refused"),
+    ("new", "--n-workers 4", "ignored"),
+    ("inverse", "--add-noise", "refused"),
+])
+def test_the_originals_options(task: str, option: str, action: str) -> None:
+    """Issue 13 (2): an option of the original DynaMight is ignored with a note where it changes nothing here,
+    and refused with one line saying what to use instead where it would change the result."""
+    import click
+
+    line = (relion5_lines.new_job(other=option) if task == "new"
+            else relion5_lines.continue_job(task if task != "deformable-backprojection" else "backprojection",
+                                            other=option))
+    if action == "refused":
+        with pytest.raises(click.UsageError, match=f"{option.split()[0]}.*original DynaMight.*no equivalent"):
+            _params(line)
+    else:
+        _, notes = _params(line)
+        assert any(option.split()[0] in n and "original DynaMight" in n for n in notes), notes
+
+
+def test_every_original_option_is_in_the_table_or_ours() -> None:
+    """The original's Typer options (3dem/DynaMight 358db04) per task: ours under the same name, or in the table."""
+    from relion_dynamight.cli import cli
+    from relion_dynamight.tab_options import ORIGINAL_OPTIONS, option_kinds
+
+    original = {
+        "optimize-deformations": "refinement-star-file output-directory initial-model atomic-model initial-threshold "
+        "initial-resolution mask-file checkpoint-file n-gaussians n-gaussian-widths n-latent-dimensions "
+        "n-positional-encoding-dimensions n-linear-layers n-neurons-per-layer n-warmup-epochs weight-decay "
+        "consensus-update-rate consensus-update-decay consensus-update-pooled-particles regularization-factor "
+        "apply-bfactor particle-diameter soft-edge-width batch-size gpu-id n-epochs n-threads preload-images "
+        "n-workers combine-resolution use-data-normalization kld-factor",
+        "optimize-inverse-deformations": "refinement-star-file checkpoint-file batch-size n-epochs gpu-id "
+        "preload-images add-noise particle-diameter mask-soft-edge-width data-loader-threads save-deformations",
+        "deformable-backprojection": "mask-file refinement-star-file vae-directory inverse-deformation-directory "
+        "gpu-id batch-size backprojection-batch-size preload-images particle-diameter mask-soft-edge-width "
+        "data-loader-threads downsample mask-reconstruction do-deformations",
+        "explore-latent-space": "refinement-star-file checkpoint-file half-set mask-file particle-diameter "
+        "soft-edge-width batch-size gpu-id preload-images n-workers dimensionality-reduction-method "
+        "inverse-deformation atomic-model reduce-by-deformation cluster",
+    }
+    for task, names in original.items():
+        ours = option_kinds(cli.commands[task].params)
+        missing = [n for n in names.split() if f"--{n}" not in ours and f"--{n}" not in ORIGINAL_OPTIONS[task]]
+        assert not missing, (task, missing)
