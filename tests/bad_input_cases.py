@@ -551,6 +551,8 @@ def catalogue() -> list[Case]:
              "map.mrc", "directory"),
         case("out-job-directory-name-too-long", nothing, train(STAR, MAP, "Long/" + "x" * 300), "too long",
              job=None, control=False),
+        case("out-job-directory-in-a-symlink-loop", lambda r: os.symlink("Loop", r / "Loop"), train(STAR, MAP, "Loop/job1"),
+             "Loop", job=None, control=False),
         case("ckpt-every-checkpoint-unreadable", _all_checkpoints_unreadable, train(STAR, MAP, TRAINED),
              "can be read", "new output directory", base="trained", job=TRAINED),
         case("external-bad-in-parts", lambda r: put(r, "", "empty.star"),
