@@ -86,6 +86,12 @@ def test_inverse_training_stops_when_the_held_out_fit_stops_improving(trained: P
     assert len(stops) == 2 and all("held-out fit RMS" in x for x in stops), res.stdout[-3000:]
     epochs = [int(x.split("stops at epoch ")[1].split()[0]) for x in stops]
     assert all(6 <= e < 200 for e in epochs), epochs
+    # a converged inverse is a finished one: the backprojection accepts it
+    res = subprocess.run([sys.executable, "-m", "relion_dynamight.launcher", "deformable-backprojection",
+                          "DynaMight/job002/", "--batch-size", "64", "--pipeline-control", "DynaMight/job002/"],
+                         capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
+                                                                            "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_converged_rule() -> None:

@@ -208,7 +208,7 @@ def _inverse_for(out: Path, half: int, inputs: inv.ForwardInputs, device: torch.
         raise InputError(f"{path} not found: the inverse deformations have not been trained; run '{command}' "
                          "before deformable-backprojection")
     info = inv.load_inverse(path, device)
-    if int(info["epoch"]) < int(info["n_epochs"]):
+    if int(info["epoch"]) < int(info["n_epochs"]) and not bool(info.get("converged", False)):
         raise InputError(f"{path}: inverse training stopped after {info['epoch']} of {info['n_epochs']} epochs; "
                          f"run '{command}' again to finish it")
     if not inv.same_forward(info, inputs):

@@ -139,6 +139,7 @@ def save_inverse(path: Path, trainer: InverseTrainer, inputs: ForwardInputs) -> 
         f.attrs["half"] = trainer.half
         f.attrs["epoch"] = trainer.epoch
         f.attrs["n_epochs"] = trainer.config.n_epochs
+        f.attrs["converged"] = bool(trainer.converged())   # stopped early by the convergence rule: finished
         f.attrs["config"] = json.dumps(trainer.config.to_dict(), sort_keys=True)
         f.attrs["box"] = trainer.box
         f.attrs["latent_dim"] = int(trainer.latents.shape[1])
