@@ -85,7 +85,9 @@ def backproject_groups(data: Any, rows: np.ndarray, labels: np.ndarray,
     sizes = np.bincount(labels, minlength=n_groups)
     mine = assign_groups(sizes, size)[rank]
     bp = DeformedBackprojector(box, device=device, interpolation=interpolation)
-    for g in mine:
+    from relion_dynamight.logs import progress
+
+    for g in progress(mine, len(mine), f"deformed backprojection, groups of rank {rank}", every_s=30.0):
         members = rows[labels == g]
         for batch in data.iter_batches(members, batch_size):
             b = batch.to(device)

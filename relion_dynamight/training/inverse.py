@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -29,6 +30,9 @@ from relion_dynamight.imaging.warp import grid_nodes, coarse_size, invert_displa
 from relion_dynamight.model.decoder import DeformationDecoder, InverseDecoder
 
 log = logging.getLogger("relion_dynamight")
+
+#: Seconds between progress lines inside one inverse epoch.
+PROGRESS_SECONDS = 60.0
 
 #: ``(points (B, K, 3), z (B, L), source (K,) index of the Gaussian each point belongs to) -> deformed (B, K, 3)``
 ForwardMap = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -153,7 +157,12 @@ class InverseTrainer:
         order = self.train_rows[torch.randperm(self.train_rows.numel(), generator=self.generator)]
         total, count = 0.0, 0
         self.net.train()
+        started = last = time.monotonic()
         for start in range(0, order.numel(), cfg.batch_size):
+            if time.monotonic() - last >= PROGRESS_SECONDS:   # long epochs (many particles) still show progress
+                last = time.monotonic()
+                log.info("Half %d inverse epoch %d: %d/%d particles, %.0f s", self.half, self.epoch + 1, start,
+                         order.numel(), last - started)
             rows = order[start:start + cfg.batch_size].to(self.device)
             deformed, target = self._pairs(rows)
             z = self.latents[rows]
