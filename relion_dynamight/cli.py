@@ -205,6 +205,9 @@ def optimize_inverse_deformations(pipeline_control: Path | None, **options: Any)
 @click.option("--max-groups", type=int, default=128, show_default=True,
               help="At most this many warps per half set (the groups with the largest spread are split first); "
                    "0 = no limit.")
+@click.option("--mask-file", type=click.Path(path_type=Path), default=None,
+              help="Soft mask (MRC, values 0-1, the consensus map's box): correct the deformations only inside it "
+                   "(the original's --mask-file); outside, the maps are the standard reconstruction's.")
 @click.option("--regional-choice/--no-regional-choice", default=True, show_default=True,
               help="Region by region, keep the deformation-corrected map only where its half maps agree better "
                    "than the standard ones; elsewhere keep the standard reconstruction.")

@@ -62,8 +62,6 @@ _INVERSE_ORIGINAL = {
     "--data-loader-threads": (IGNORE, VALUE, "no images are read by this task"),
 }
 _BACKPROJECTION_ORIGINAL = {
-    "--mask-file": (REFUSE, VALUE, "not available for deformable-backprojection yet: the maps cover the whole box; "
-                                   "mask them afterwards (relion_postprocess)"),
     "--refinement-star-file": (IGNORE, VALUE, "the particles are those of the training checkpoint"),
     "--vae-directory": (IGNORE, VALUE, "the job directory holds the forward model"),
     "--inverse-deformation-directory": (IGNORE, VALUE, "the job directory holds the inverse model"),

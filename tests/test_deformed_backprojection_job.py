@@ -240,3 +240,35 @@ def test_backprojection_before_inverse_is_a_clear_error(tmp_path_factory):
     res = cli(root, "optimize-inverse-deformations", JOB + "/", "--n-epochs", "1", "--checkpoint-file",
               str(ckpt.final_path(other / JOB)))
     assert res.returncode != 0 and "another particle set" in res.stderr
+
+
+def test_mask_file_restricts_the_correction(hinge_job, tmp_path):
+    """Issue 13 (6): ``--mask-file`` corrects the deformations only inside the mask: a mask of ones gives the
+    unmasked maps, a mask far from the particle gives the standard maps where the particle is."""
+    import shutil
+
+    from relion_dynamight.relion.mrc import write_map
+
+    root = tmp_path / "copy"
+    shutil.copytree(hinge_job, root, symlinks=True)
+    shutil.rmtree(root / JOB / "backprojection")
+    ones = np.ones((BOX,) * 3, dtype=np.float32)
+    corner = np.zeros((BOX,) * 3, dtype=np.float32)
+    corner[:3, :3, :3] = 1.0
+    write_map(root / "ones.mrc", ones, PIXEL)
+    write_map(root / "corner.mrc", corner, PIXEL)
+    maps = {}
+    for name in ("ones", "corner"):
+        res = cli(root, "deformable-backprojection", JOB + "/", "--batch-size", "64", "--mask-file", f"{name}.mrc")
+        assert res.returncode == 0, res.stderr + res.stdout
+        maps[name] = [read_map(root / JOB / "backprojection" / f"deformed_half{h}.mrc")[0] for h in (1, 2)]
+    particle = moving_mask(hinge_job).numpy() > 0
+    for h in (0, 1):
+        unmasked = read_map(hinge_job / JOB / "backprojection" / f"deformed_half{h + 1}.mrc")[0]
+        standard = read_map(hinge_job / JOB / "backprojection" / f"standard_half{h + 1}.mrc")[0]
+        scale = np.abs(unmasked).max()
+        assert np.abs(maps["ones"][h] - unmasked).max() <= 1e-4 * scale
+        assert np.abs(maps["corner"][h] - standard)[particle].max() <= 1e-3 * scale
+        assert np.abs(unmasked - standard)[particle].max() > 1e-2 * scale      # the correction is real there
+    bad = cli(root, "deformable-backprojection", JOB + "/", "--mask-file", "Refine3D/job001/run_data.star")
+    assert bad.returncode != 0 and "ERROR:" in bad.stderr

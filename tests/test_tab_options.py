@@ -148,7 +148,7 @@ def wait_for(predicate, what: str, timeout: float = 300.0) -> None:  # noqa: ANN
 
 @pytest.mark.parametrize("task,option,action", [
     ("deformable-backprojection", "--data-loader-threads 4", "ignored"),
-    ("deformable-backprojection", "--mask-file m.mrc", "refused"),
+    ("deformable-backprojection", "--downsample 2", "refused"),
     ("deformable-backprojection", "--n-warmup-epochs 5", "ignored"),      # the original's training option
     ("visualize", "--n-workers 8", "ignored"),
     ("visualize", "--cluster", "refused"),

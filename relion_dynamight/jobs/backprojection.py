@@ -119,7 +119,7 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
         preload_images: bool = False, gpu_id: str = "", group_resolution: float = DEFAULT_GROUP_RESOLUTION,
         field_spacing: float = DEFAULT_FIELD_SPACING, map_frame: str = "initial",
         interpolation: str = "cubic", max_groups: int = DEFAULT_MAX_GROUPS,
-        regional_choice: bool = True) -> list[tuple[str, str]]:
+        regional_choice: bool = True, mask_file: Path | None = None) -> list[tuple[str, str]]:
     """Compute and write the improved half maps; returns their output nodes.
 
     ``map_frame``: ``"initial"`` writes the maps in the conformation of the consensus refinement
@@ -147,6 +147,7 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
     inputs = inv.load_forward(out, checkpoint_file, "deformable-backprojection")
     infos = {h: _inverse_for(out, h, inputs, device) for h in (1, 2)}
     box = inputs.box
+    deform_mask = read_deformation_mask(mask_file, box, device) if mask_file is not None else None
     plan = plan_memory(box, int(batch_size), device)   # before the images are opened or grids allocated
     data = _particles(inputs, preload_images)
     insert_batch = plan.batch_size   # particles inserted at once: bounds the memory of one insertion step
@@ -170,7 +171,7 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
                   reference: Tensor | None = reference) -> Tensor:
             pos, res = dense_forward_positions(net, latents[reps[g]], box, field_spacing)
             residuals.append(res)
-            return compose_positions(pos, reference)
+            return restrict_to_mask(compose_positions(pos, reference), deform_mask)
 
         results[h] = backproject_groups(data, rows, labels, field, box, device, insert_batch, comm, job.check_abort,
                                         interpolation=interpolation)
@@ -183,6 +184,34 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
     pixel = float(inputs.config.get("pixel_size") or float(data.pixel_sizes[0]))
     points = inputs.state["initial"]["positions"].float() if regional_choice else None
     return write_maps(out, results, box, pixel, points)
+
+
+def read_deformation_mask(path: Path, box: int, device: torch.device) -> Tensor:
+    """``--mask-file``: a map ``(box, box, box)`` with values in [0, 1] (RELION's soft masks) that restricts the
+    deformation correction to its region, as the original's ``--mask-file`` does."""
+    from relion_dynamight.relion.mrc import read_map
+
+    values = read_map(path)[0]
+    if values.shape != (box,) * 3:
+        raise InputError(f"--mask-file {path}: box {values.shape[0]} differs from the particles' {box}; give a mask "
+                         "of the consensus map's box (e.g. from relion_mask_create)")
+    if not np.isfinite(values).all() or values.min() < -1e-3 or values.max() > 1.0 + 1e-3:
+        raise InputError(f"--mask-file {path}: values must lie in [0, 1] (found {values.min():g} to "
+                         f"{values.max():g}); give a RELION mask")
+    if float(values.max()) <= 0.0:
+        raise InputError(f"--mask-file {path}: the mask is empty; give the region whose motion to correct")
+    return torch.from_numpy(np.clip(values, 0.0, 1.0)).float().to(device)
+
+
+def restrict_to_mask(positions: Tensor, mask: Tensor | None) -> Tensor:
+    """``x + m(x)·(Γ(x) − x)``: the deformation only where the mask ``m`` ``(N, N, N)`` is 1, the identity where
+    it is 0, blended in its soft edge.  ``positions`` ``(N, N, N, 3)`` as :func:`.warp.grid_nodes`."""
+    if mask is None:
+        return positions
+    from relion_dynamight.imaging.warp import grid_nodes
+
+    nodes = grid_nodes(positions.shape[0], positions.shape[0], device=positions.device, dtype=positions.dtype)
+    return nodes + mask.to(positions.dtype)[..., None] * (positions - nodes)
 
 
 def reference_frame(inputs: inv.ForwardInputs, half: int, net: Any, latents: Tensor, device: torch.device,
