@@ -130,7 +130,9 @@ def _claim_job_dir(args: Sequence[str]) -> Path | None:
     except jobguard.JobDirBusy as exc:
         _error(str(exc))
     except OSError as exc:
-        _error(_os_error_line(exc, job_dir))
+        from relion_dynamight.jobs.runner import os_error_message
+
+        _error(os_error_message(exc))
     if note:
         print(f"WARNING: {job_dir}: {note}", file=sys.stderr, flush=True)
     return job_dir
@@ -139,11 +141,6 @@ def _claim_job_dir(args: Sequence[str]) -> Path | None:
 def _error(line: str) -> None:
     print(f"ERROR: {' '.join(line.split())}", file=sys.stderr, flush=True)
     raise SystemExit(1)
-
-
-def _os_error_line(exc: OSError, where: Path) -> str:
-    reason = exc.strerror or type(exc).__name__
-    return f"{exc.filename or where}: cannot create or write the job directory ({reason}); choose a writable path"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

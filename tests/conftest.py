@@ -56,3 +56,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     cmd = [*(mpi or []), sys.executable, "-m", "relion_dynamight.launcher", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, what: str, timeout: float = 300.0) -> None:  # noqa: ANN001
+    """Poll ``predicate`` until it is true (an event, never a fixed duration); fail after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -18,6 +18,7 @@ import pytest
 from relion_dynamight.relion import jobguard
 from relion_dynamight.relion.jobdir import EXIT_ABORTED, EXIT_FAILURE, EXIT_FILES, EXIT_SUCCESS
 from relion_dynamight.relion.watchdog import watch
+from tests.conftest import wait_for
 
 LAUNCHER = [sys.executable, "-m", "relion_dynamight.launcher"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -25,14 +26,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 def exit_files(job: Path) -> set[str]:
     return {n for n in EXIT_FILES if (job / n).exists()}
-
-
-def wait_for(predicate, what: str, timeout: float = 240.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +58,7 @@ def start_slow(tmp_path: Path, job: Path, wrapper: list[str] | None = None) -> s
     cmd = [*(wrapper or []), sys.executable, str(script), "--pipeline-control", str(job)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             start_new_session=True)
-    wait_for(lambda: (job / jobguard.LOCK_NAME).exists(), "the task's lock")
+    wait_for(lambda: (job / jobguard.LOCK_NAME).exists(), "the task's lock", timeout=240)
     line = proc.stdout.readline()
     while line and "task running" not in line:
         line = proc.stdout.readline()

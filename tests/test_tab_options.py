@@ -17,7 +17,7 @@ from relion_dynamight.launcher import normalize_argv
 from relion_dynamight.relion import relion5_lines
 from relion_dynamight.relion.jobdir import EXIT_FAILURE, EXIT_FILES, EXIT_SUCCESS
 from relion_dynamight.tab_options import FLAG, MULTIPLE, VALUE, reconcile
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_for
 
 OWN = {"--n-epochs": VALUE, "--batch-size": VALUE, "--preload-images": FLAG, "--axis-range": MULTIPLE}
 OTHERS = {**OWN, "--n-gaussians": VALUE, "--no-gui": FLAG, "--seed": VALUE}
@@ -134,16 +134,6 @@ def _watchdogs_of(pid: int) -> list[int]:
             if b"relion_dynamight.relion.watchdog" in cmd and str(pid).encode() in cmd:
                 found.append(int(entry.name))
     return found
-
-
-def wait_for(predicate, what: str, timeout: float = 300.0) -> None:  # noqa: ANN001
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("task,option,action", [

@@ -242,17 +242,10 @@ def _config_star(config: dict[str, Any]) -> Path | None:
 
 def models_from_checkpoint(state: dict[str, Any], device: torch.device) -> tuple[dict[int, lat.HalfModel], dict]:
     """Both halves' trained models from a loaded checkpoint → (analysis models, training HalfModels)."""
-    from relion_dynamight.training.half import HalfModel as Trainer
+    from relion_dynamight.training.trained import half_models
 
-    config, models, trainers = state["config"], {}, {}
-    for h in (1, 2):
-        tree = state["halves"][h]
-        mask = tree["decoder"].get("mask")
-        trainer = Trainer(h, config, state["initial"], np.asarray(tree["train_idx"]), np.asarray(tree["val_idx"]),
-                          device, mask_weights=mask)
-        trainer.load_tree(tree)
-        trainer.decoder.eval()
-        trainers[h] = trainer
+    models, trainers = {}, half_models(state, device)
+    for h, trainer in trainers.items():
         g = trainer.gaussians
         m = g.positions.shape[0]
         models[h] = lat.HalfModel(positions=g.positions.detach(), amplitudes=g.amplitudes.detach().expand(m),

@@ -110,16 +110,18 @@ def _pipeline_type(pipeline: Path, job_dir: Path, project_dir: Path) -> str | No
 
 
 # -- the lock -----------------------------------------------------------------------------------------------
-def _start_ticks(pid: int) -> str | None:
+def start_ticks(pid: int) -> str | None:
+    """Start time of ``pid`` (field 22 of /proc/PID/stat), to tell a reused PID apart; None when gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
 
 
-def _alive(pid: int, ticks: str | None) -> bool:
+def alive(pid: int, ticks: str | None) -> bool:
+    """Whether process ``pid`` started at ``ticks`` still runs (no ticks or no /proc: a signal-0 probe)."""
     if ticks is not None and Path("/proc").is_dir():
-        return _start_ticks(pid) == ticks
+        return start_ticks(pid) == ticks
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -139,7 +141,7 @@ def read_lock(job_dir: Path) -> dict | None:
 def is_mine(lock: dict | None, pid: int | None = None) -> bool:
     pid = os.getpid() if pid is None else pid
     return bool(lock) and lock.get("host") == socket.gethostname() and lock.get("pid") == pid and \
-        lock.get("ticks") == _start_ticks(pid)
+        lock.get("ticks") == start_ticks(pid)
 
 
 def acquire(job_dir: Path, command: str, wait: float = FINISHING_WAIT) -> str | None:
@@ -150,7 +152,7 @@ def acquire(job_dir: Path, command: str, wait: float = FINISHING_WAIT) -> str | 
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / LOCK_NAME
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "ticks": _start_ticks(os.getpid()),
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "ticks": start_ticks(os.getpid()),
           "started": time.time(), "command": command}
     deadline = time.monotonic() + wait
     note = None
@@ -200,7 +202,7 @@ def _holder_gone(held: dict) -> bool:
     if held.get("host") != socket.gethostname():
         return False       # another node: cannot tell; the message says how to clear it
     try:
-        return not _alive(int(held.get("pid", -1)), held.get("ticks"))
+        return not alive(int(held.get("pid", -1)), held.get("ticks"))
     except (TypeError, ValueError):
         return True
 

@@ -18,29 +18,9 @@ import time
 from pathlib import Path
 
 from relion_dynamight.relion.jobdir import EXIT_FAILURE, EXIT_FILES
-from relion_dynamight.relion.jobguard import LOCK_NAME, read_lock
+from relion_dynamight.relion.jobguard import LOCK_NAME, alive, read_lock, start_ticks
 
 POLL_SECONDS = 0.2
-
-
-def _start_ticks(pid: int) -> str | None:
-    """Start time of ``pid`` (field 22 of /proc/PID/stat), to tell a reused PID apart; None when gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid: int, ticks: str | None) -> bool:
-    if ticks is None:  # no /proc: fall back to a signal-0 probe
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return _start_ticks(pid) == ticks
 
 
 def has_fresh_exit_file(job_dir: Path, since: float) -> bool:
@@ -56,7 +36,7 @@ def has_fresh_exit_file(job_dir: Path, since: float) -> bool:
 def watch(pid: int, job_dir: Path, poll: float = POLL_SECONDS) -> bool:
     """Wait for ``pid`` to end; write FAILURE if it left no exit file. Returns True when FAILURE was written."""
     since = time.time()
-    ticks = _start_ticks(pid)
+    ticks = start_ticks(pid)
     while alive(pid, ticks):
         time.sleep(poll)
     time.sleep(poll)  # let a last exit file reach the disk

@@ -29,17 +29,28 @@ def cache_path(job_dir: Path, checkpoint: Path) -> Path:
     return Path(job_dir) / CACHE_DIR / f"{Path(checkpoint).stem}-{key}.npy"
 
 
+def half_models(state: dict[str, Any], device: torch.device) -> dict[int, Any]:
+    """Both halves' trained :class:`~relion_dynamight.training.half.HalfModel` of a loaded checkpoint (decoders in
+    eval mode)."""
+    from relion_dynamight.training.half import HalfModel
+
+    models = {}
+    for h in (1, 2):
+        tree = state["halves"][h]
+        model = HalfModel(h, state["config"], state["initial"], np.asarray(tree["train_idx"]),
+                          np.asarray(tree["val_idx"]), device, mask_weights=tree["decoder"].get("mask"))
+        model.load_tree(tree)
+        model.decoder.eval()
+        models[h] = model
+    return models
+
+
 def encode_particles(state: dict[str, Any], data: Any, device: torch.device,
                      check_abort: Callable[[], None] = lambda: None) -> np.ndarray:
     """Latent means ``(n, L)`` of every particle of ``data`` with its own half set's encoder in ``state``."""
-    from relion_dynamight.training.half import HalfModel
-
-    config = state["config"]
     halves = np.asarray(state["split_half"], dtype=np.int64)
-    out = np.zeros((len(halves), int(config["latent_dim"])), dtype=np.float32)
-    for h in (1, 2):
-        model = HalfModel(h, config, state["initial"], np.zeros(0), np.zeros(0), device)
-        model.load_tree(state["halves"][h])
+    out = np.zeros((len(halves), int(state["config"]["latent_dim"])), dtype=np.float32)
+    for h, model in half_models(state, device).items():
         rows = np.flatnonzero(halves == h)
         out[rows] = model.latents(data, rows, check_abort).numpy()
     return out
