@@ -44,7 +44,7 @@ def silence_closed_stream(stream: object) -> None:
         sys.stderr = devnull
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
-            handler.setStream(devnull)
+            handler.stream = devnull   # not setStream(): it flushes the closed stream and raises again
 
 
 def setup_logging(verbose: bool = False, rank: int = 0) -> None:
