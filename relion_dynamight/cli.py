@@ -316,6 +316,6 @@ def external(command: str, args: tuple[str, ...]) -> None:
     Translates RELION's --o, --in_parts, --in_3dref, --in_mask, --j and --LABEL VALUE parameters into
     COMMAND's options and declares the outputs in the project's pipeline format.
     """
-    from relion_dynamight.relion.external import run_external
+    from relion_dynamight.jobs.external import run_external
 
-    sys.exit(run_external(command, list(args)))
+    sys.exit(run_external(command, list(args), cli.commands))

@@ -88,7 +88,7 @@ def make_backprojection_job(project: Path, star: Path, n: int) -> str:
     """A job directory with a forward checkpoint, latent codes and finished inverse files for ``star``."""
     import torch
 
-    from relion_dynamight.jobs import optimize_inverse as inv
+    from relion_dynamight.training import trained as inv
     from relion_dynamight.model.decoder import DeformationDecoder
     from relion_dynamight.relion.star import load_particles, write_particles
     from relion_dynamight.training import checkpoint as ckpt

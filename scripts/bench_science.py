@@ -78,10 +78,15 @@ def main() -> None:
     }
     for name, line in lines.items():
         step(name, shlex.split(line)[1:])
-    from relion_dynamight.analysis.truth_scores import format_table, score_job
+    import torch
 
+    from relion_dynamight.analysis.truth_scores import format_table, score_job
+    from relion_dynamight.training.trained import forward_decoder, load_forward
+
+    forward = load_forward(root / JOB, None, "scoring")
+    decoders = {h: forward_decoder(forward, h, torch.device("cpu"))[0] for h in (1, 2)}
     result = score_job(root, JOB, (root / "Bench/consensus_half1.mrc", root / "Bench/consensus_half2.mrc"),
-                       (root / "Bench/limit_half1.mrc", root / "Bench/limit_half2.mrc"))
+                       (root / "Bench/limit_half1.mrc", root / "Bench/limit_half2.mrc"), forward, decoders)
     result["oracle"] = oracle_scores(root, args.oracle_groups)
     result["settings"] = vars(args)
     result["command_lines"] = lines

@@ -21,7 +21,7 @@ import starfile
 import torch
 from torch import Tensor, nn
 
-from relion_dynamight.analysis.latent import HalfModel
+from relion_dynamight.analysis.latent import DeformableModel
 from relion_dynamight.jobs.explore import ExploreInputs, LatentTable
 
 BOX, PIXEL, LATENT = 32, 3.0, 4
@@ -52,10 +52,10 @@ def gaussian_positions() -> Tensor:
     return torch.tensor(pts, dtype=torch.float32)
 
 
-def hinge_model(scale: float = 1.0) -> HalfModel:
+def hinge_model(scale: float = 1.0) -> DeformableModel:
     pos = gaussian_positions()
     m = pos.shape[0]
-    return HalfModel(positions=pos, amplitudes=torch.ones(m), widths=torch.full((m,), 1.2), decoder=HingeDecoder(scale))
+    return DeformableModel(positions=pos, amplitudes=torch.ones(m), widths=torch.full((m,), 1.2), decoder=HingeDecoder(scale))
 
 
 def true_angles(n: int, seed: int = 0) -> np.ndarray:

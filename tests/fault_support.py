@@ -131,7 +131,7 @@ def h5_files(job_dir: Path) -> list[Path]:
 
 def validate_h5(job_dir: Path) -> list[str]:
     """Problems of the ``.h5`` files in a job (empty = every one opens and passes the project's checks)."""
-    from relion_dynamight.jobs.optimize_inverse import load_inverse
+    from relion_dynamight.training.trained import load_inverse
     from relion_dynamight.training.checkpoint import load_checkpoint
 
     problems = []
@@ -304,7 +304,7 @@ def forward_differences(job_a: Path, job_b: Path, rtol: float = 0.0, atol: float
 
 
 def inverse_differences(job_a: Path, job_b: Path, rtol: float = 0.0, atol: float = 0.0) -> list[str]:
-    from relion_dynamight.jobs.optimize_inverse import inverse_path, load_inverse
+    from relion_dynamight.training.trained import inverse_path, load_inverse
 
     out = []
     for h in (1, 2):

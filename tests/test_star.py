@@ -14,6 +14,7 @@ import starfile
 
 from particle_files import make_project, rewrite_star
 from relion_dynamight.errors import InputError
+from relion_dynamight.relion.stacks import ImageSource
 from relion_dynamight.relion.star import load_particles, read_star, write_particles
 
 
@@ -57,7 +58,7 @@ def test_read_star_always_dict_and_key_value_blocks(tmp_path: Path) -> None:
 def test_relion31_two_optics_groups(tmp_path: Path) -> None:
     p = make_project(tmp_path, n=40, pixel_sizes=(1.1, 1.7))
     t = load_particles(p.star)
-    assert t.version == "3.1" and len(t) == 40 and t.image_size == 32
+    assert t.version == "3.1" and len(t) == 40 and t.optics_image_size() == 32
     assert list(t.particles.columns) == list(p.particles.columns)
     assert t.particles["rlnMicrographName"].tolist() == p.particles["rlnMicrographName"].tolist()  # '000' kept
     groups = 1 + np.arange(40) % 2
@@ -129,7 +130,7 @@ def test_relion30_file(tmp_path: Path) -> None:
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        assert t.image_size == 32  # from the first image (no optics table)
+        assert ImageSource(t).image_size == 32  # from the first image (no optics table): images are stacks.py's
     finally:
         os.chdir(cwd)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from relion_dynamight.jobs import optimize_deformations
-from relion_dynamight.jobs import optimize_inverse as inv
+from relion_dynamight.training import trained as inv
 from relion_dynamight.jobs.simulate import simulate_project
 from relion_dynamight.relion.jobdir import Job
 from relion_dynamight.training import checkpoint as ckpt

@@ -1,4 +1,4 @@
-"""Ground-truth deformation error (training.evaluation) on the hinge simulation."""
+"""Ground-truth deformation error (analysis.deformation_errors) on the hinge simulation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from relion_dynamight.jobs import optimize_deformations as od
 from relion_dynamight.jobs.simulate import load_truth, simulate_project
 from relion_dynamight.relion.particles import ParticleData
 from relion_dynamight.training.config import default_config
-from relion_dynamight.training.evaluation import deformation_errors
+from relion_dynamight.analysis.deformation_errors import deformation_errors
 from relion_dynamight.training.half import HalfModel
 from relion_dynamight.training.halves import make_split
 from relion_dynamight.training.schedule import Schedule

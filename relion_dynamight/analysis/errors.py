@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from relion_dynamight.analysis.latent import HalfModel, displacements
+from relion_dynamight.analysis.latent import DeformableModel, displacements
 
 
 @dataclass
@@ -47,7 +47,7 @@ class HalfSetErrors:
 
 
 @torch.no_grad()
-def half_set_errors(models: dict[int, HalfModel], z1: Tensor, z2: Tensor, pixel_size: float, batch: int = 32,
+def half_set_errors(models: dict[int, DeformableModel], z1: Tensor, z2: Tensor, pixel_size: float, batch: int = 32,
                     on_batch: Callable[[], None] | None = None) -> HalfSetErrors:
     """Distances between the two halves' predicted deformations for particles with latents ``z1``/``z2``
     ``(n, L)`` from encoder 1/2 (see module docstring).  Both models must have the same number of Gaussians."""

@@ -3,7 +3,7 @@
 Conventions
 -----------
 * ``z`` is a ``(n, L)`` tensor of latent means (one row per particle, rows in input order of the subset).
-* A :class:`HalfModel` is one half set's trained model: consensus Gaussian ``positions`` ``(M, 3)`` (x, y, z)
+* A :class:`DeformableModel` is one half set's trained model: consensus Gaussian ``positions`` ``(M, 3)`` (x, y, z)
   in pixels from the box centre, ``amplitudes`` ``(M,)``, ``widths`` ``(M,)`` (standard deviations, pixels),
   and a ``decoder`` callable ``(positions (M, 3), z (B, L)) -> displacements (B, M, 3)`` in pixels.
 * Embeddings are 2D (or kD) coordinates per particle; the PCA embedding is ``(z - mean) @ components.T``.
@@ -26,7 +26,7 @@ Decoder = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
-class HalfModel:
+class DeformableModel:
     """One half set's consensus Gaussian model and deformation decoder (see module docstring)."""
 
     positions: Tensor
@@ -187,7 +187,7 @@ def pc_path(p: Pca, component: int, n_frames: int, extent: float = 2.0) -> Tenso
 
 # -- deformations -----------------------------------------------------------------------------------
 @torch.no_grad()
-def displacements(model: HalfModel, z: Tensor, positions: Tensor | None = None) -> Tensor:
+def displacements(model: DeformableModel, z: Tensor, positions: Tensor | None = None) -> Tensor:
     """Decoder displacements ``(B, M, 3)`` in pixels for latent points ``z (B, L)`` at ``positions``
     (default: the model's consensus positions)."""
     pos = model.positions if positions is None else positions
@@ -217,7 +217,7 @@ class MotionStats:
 
 
 @torch.no_grad()
-def motion_statistics(model: HalfModel, z: Tensor, batch: int = 64,
+def motion_statistics(model: DeformableModel, z: Tensor, batch: int = 64,
                       on_batch: Callable[[], None] | None = None) -> MotionStats:
     """Accumulate :class:`MotionStats` over ``z (n, L)`` in batches (memory O(batch·M))."""
     n, m = z.shape[0], model.positions.shape[0]
@@ -281,14 +281,14 @@ def render(positions: Tensor, amplitudes: Tensor, widths: Tensor, box: int) -> T
 
 
 @torch.no_grad()
-def deformed_maps(model: HalfModel, z: Tensor, box: int) -> Tensor:
+def deformed_maps(model: DeformableModel, z: Tensor, box: int) -> Tensor:
     """Maps ``(B, box, box, box)`` of the model deformed by the decoder at latent points ``z (B, L)``."""
     d = displacements(model, z)
     return torch.stack([render(model.positions + d[b], model.amplitudes, model.widths, box) for b in range(len(d))])
 
 
 @torch.no_grad()
-def gaussian_value_map(model: HalfModel, values: Tensor, box: int) -> Tensor:
+def gaussian_value_map(model: DeformableModel, values: Tensor, box: int) -> Tensor:
     """Map of a per-Gaussian quantity ``values (M,)``: Gaussian-weighted local average of the values,
     i.e. ``render(a·v) / render(a)``, set to 0 where the model has under 5 % of its peak density."""
     num = render(model.positions, model.amplitudes * values, model.widths, box)

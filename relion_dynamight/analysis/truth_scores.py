@@ -14,7 +14,7 @@ linearly between shells (:func:`crossing`), in Å.
 * **latent order**: |Spearman ρ| between the true conformation coordinate and the best linear read-out of the
   latent codes (least squares within each half), and of the first principal component;
 * **deformation**: the decoder's displacement field at the phantom's reference centres against the true
-  displacements (:func:`relion_dynamight.training.evaluation.deformation_errors`), and the *amplitude
+  displacements (:func:`relion_dynamight.analysis.deformation_errors.deformation_errors`), and the *amplitude
   recovered* ``Σ d_learned·d_true / Σ |d_true|²`` over the moving Gaussians (1 = the whole motion);
 * **honesty**: the half maps' FSC = 0.143 resolution against the full map's FSC = 0.5 resolution vs truth
   (the two agree for unbiased half maps; ``ratio`` > 1 means the half maps claim more than is there).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ class DeformationScore:
 def deformation_score(decoder: torch.nn.Module, latents: Tensor, phantom: Phantom, coords: Tensor,
                       batch: int = 256) -> DeformationScore:
     """The decoder against the true displacements of ``phantom`` at conformation ``coords`` ``(n,)``."""
-    from relion_dynamight.training.evaluation import deformation_errors
+    from relion_dynamight.analysis.deformation_errors import deformation_errors
 
     ref = phantom.positions.float()
     errs, baseline, dot, norm = [], [], 0.0, 0.0
@@ -173,18 +174,21 @@ def map_scores(halves: tuple[Tensor, Tensor], truth: Tensor, masks: dict[str, Te
     return out
 
 
-def score_job(project, job, consensus_halves: tuple, limit_halves: tuple) -> dict:
+def score_job(project, job, consensus_halves: tuple, limit_halves: tuple, forward: Any,
+              decoders: dict[int, torch.nn.Module]) -> dict:
     """All scores of a DynaMight job ``project/job`` (see module docstring).
 
     ``consensus_halves`` / ``limit_halves``: paths of the half maps of the standard reconstruction of the same
     particles and of the one-conformation limit (``reconstruct --halves`` of ``truth/limit/particles.star``).
+    ``forward``: the job's trained forward model (:func:`relion_dynamight.training.trained.load_forward`: its
+    ``image_names``, ``half`` and ``latents``) and ``decoders`` each half's decoder
+    (:func:`~relion_dynamight.training.trained.forward_decoder`).
     """
     from pathlib import Path
 
     import pandas as pd
 
     from relion_dynamight.analysis.phantom import load_phantom
-    from relion_dynamight.jobs import optimize_inverse as inv
 
     project, job = Path(project), Path(project) / job
     phantom = load_phantom(project / "truth")
@@ -203,15 +207,14 @@ def score_job(project, job, consensus_halves: tuple, limit_halves: tuple) -> dic
     # latent space and decoder, per half
     table = pd.read_csv(project / "truth" / "particles.csv")
     coordinate = dict(zip(table["rlnImageName"], table["hinge_angle"]))
-    inputs = inv.load_forward(job, None, "scoring")
+    inputs = forward
     coords = np.array([coordinate[n] for n in inputs.image_names], dtype=np.float64)
     result["latent"], result["deformation"] = {}, {}
     for h in (1, 2):
         rows = np.flatnonzero(inputs.half == h)
         order = latent_order(inputs.latents[rows].numpy().astype(np.float64), coords[rows])
         result["latent"][h] = order.__dict__
-        decoder, _ = inv.forward_decoder(inputs, h, torch.device("cpu"))
-        result["deformation"][h] = deformation_score(decoder, inputs.latents[rows], phantom,
+        result["deformation"][h] = deformation_score(decoders[h], inputs.latents[rows], phantom,
                                                      torch.from_numpy(coords[rows])).__dict__
     return result
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from relion_dynamight.errors import InputError
-from relion_dynamight.jobs import optimize_inverse as inv
+from relion_dynamight.training import trained as inv
 from relion_dynamight.jobs.backprojection_memory import plan_memory
 
 log = logging.getLogger("relion_dynamight")

@@ -42,11 +42,11 @@ from relion_dynamight.analysis.errors import half_set_errors
 from relion_dynamight.analysis.report import Section, write_report
 from relion_dynamight.errors import InputError
 from relion_dynamight.relion.mrc import write_map
+from relion_dynamight.training.trained import LATENT_STAR
 
 log = logging.getLogger("relion_dynamight")
 
 SUBSET_LABEL = "ParticleGroupMetadata.star.relion.dynamight"
-LATENT_STAR = Path("forward_deformations") / "latent_space.star"
 
 
 @dataclass
@@ -77,7 +77,7 @@ class ExploreInputs:
 
     job_dir: Path
     half_set: int
-    models: dict[int, lat.HalfModel]
+    models: dict[int, lat.DeformableModel]
     latent: LatentTable
     table: Any  # relion.star.ParticleTable of the refinement
     box: int
@@ -240,7 +240,7 @@ def _config_star(config: dict[str, Any]) -> Path | None:
     return None
 
 
-def models_from_checkpoint(state: dict[str, Any], device: torch.device) -> tuple[dict[int, lat.HalfModel], dict]:
+def models_from_checkpoint(state: dict[str, Any], device: torch.device) -> tuple[dict[int, lat.DeformableModel], dict]:
     """Both halves' trained models from a loaded checkpoint → (analysis models, training HalfModels)."""
     from relion_dynamight.training.trained import half_models
 
@@ -248,7 +248,7 @@ def models_from_checkpoint(state: dict[str, Any], device: torch.device) -> tuple
     for h, trainer in trainers.items():
         g = trainer.gaussians
         m = g.positions.shape[0]
-        models[h] = lat.HalfModel(positions=g.positions.detach(), amplitudes=g.amplitudes.detach().expand(m),
+        models[h] = lat.DeformableModel(positions=g.positions.detach(), amplitudes=g.amplitudes.detach().expand(m),
                                   widths=g.widths.detach().expand(m), decoder=trainer.decoder,
                                   encoder=trainer.encoder)
     return models, trainers
@@ -380,7 +380,7 @@ def _write_embedding(path: Path, rows: np.ndarray, emb: Tensor, stats: lat.Motio
     frame.to_csv(path, index=False, float_format="%.6g")
 
 
-def _gaussian_motion(inputs: ExploreInputs, model: lat.HalfModel, stats: lat.MotionStats, res: Results,
+def _gaussian_motion(inputs: ExploreInputs, model: lat.DeformableModel, stats: lat.MotionStats, res: Results,
                      figdir: Path) -> None:
     px, box, maps = inputs.pixel_size, inputs.box, res.out_dir / "maps"
     write_map(maps / "consensus.mrc", _np(lat.render(model.positions, model.amplitudes, model.widths, box)), px)
@@ -402,7 +402,7 @@ def _gaussian_motion(inputs: ExploreInputs, model: lat.HalfModel, stats: lat.Mot
                (maps / "motion_mean.mrc", "mean displacement (Å)"), (res.out_dir / "gaussian_motion.csv", "")]))
 
 
-def _cluster_outputs(inputs: ExploreInputs, model: lat.HalfModel, clusters: tuple[Tensor, Tensor],
+def _cluster_outputs(inputs: ExploreInputs, model: lat.DeformableModel, clusters: tuple[Tensor, Tensor],
                      res: Results) -> None:
     centres, labels = clusters
     maps = lat.deformed_maps(model, centres, inputs.box)

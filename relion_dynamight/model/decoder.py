@@ -15,6 +15,7 @@ of the ``M`` points is computed once per batch rather than once per particle.
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -130,3 +131,11 @@ class InverseDecoder(nn.Module):
             points = points.unsqueeze(0)
         out = self.net.run(self.net.encode_points(points), z)
         return out.expand(z.shape[0], -1, -1) if out.shape[0] != z.shape[0] else out
+
+
+def decoder_from_config(config: Mapping[str, Any], mask: Tensor | None = None) -> DeformationDecoder:
+    """The decoder that a training configuration (:func:`relion_dynamight.training.config.default_config`) describes:
+    ``latent_dim``, ``box``, ``decoder_freqs``, ``decoder_hidden``, ``decoder_layers``; untrained weights."""
+    return DeformationDecoder(int(config["latent_dim"]), int(config["box"]), n_freqs=int(config["decoder_freqs"]),
+                              hidden=int(config["decoder_hidden"]), n_layers=int(config["decoder_layers"]), mask=mask)
+

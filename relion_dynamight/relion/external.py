@@ -19,7 +19,6 @@ so ``relion_pipeliner`` of that version registers them with the right types.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,7 +40,7 @@ class Spec:
     threads: str | None = None                    # option receiving --j
     inputs: dict[str, str] = field(default_factory=dict)   # --in_parts etc. -> our option
     positional_job: bool = False                  # takes the DynaMight job directory as argument
-    declare: str | None = None                    # name of a function here that declares the outputs
+    declare: str | None = None                    # name of a function in jobs/external.py declaring outputs
 
 
 SPECS: dict[str, Spec] = {
@@ -142,33 +141,6 @@ def translate(command_name: str, command: Any, ext: ExternalArgs) -> list[str]:
     return argv
 
 
-def simulate_outputs(job_dir: Path) -> list[tuple[str, str]]:
-    """Outputs of ``simulate`` run as an External job, usable from the enclosing RELION project.
-
-    ``simulate`` writes a small project of its own in ``JOB/project/`` (image paths relative to it).
-    Its particles are copied to ``JOB/particles.star`` with image and micrograph names prefixed by
-    ``JOB/project/`` so that RELION jobs of the enclosing project can read them.
-    """
-    import starfile
-
-    from relion_dynamight.jobs.simulate import CONSENSUS, HALF_MAPS, RUN_DATA
-
-    sub = job_dir / "project"
-    tables = starfile.read(sub / RUN_DATA, always_dict=True)
-    particles = tables["particles"].copy()
-    prefix = sub.as_posix().rstrip("/") + "/"
-    if "rlnImageName" in particles:
-        particles["rlnImageName"] = [f"{n.split('@', 1)[0]}@{prefix}{n.split('@', 1)[1]}" if "@" in n
-                                     else prefix + n for n in particles["rlnImageName"].astype(str)]
-    if "rlnMicrographName" in particles:
-        particles["rlnMicrographName"] = [prefix + str(n) for n in particles["rlnMicrographName"]]
-    star = job_dir / "particles.star"
-    starfile.write({**tables, "particles": particles}, star, overwrite=True)
-    return [(star.as_posix(), "ParticleGroupMetadata.star.relion.simulate"),
-            ((sub / CONSENSUS).as_posix(), "DensityMap.mrc.relion.simulate"),
-            *(((sub / h).as_posix(), "DensityMap.mrc.relion.halfmap.simulate") for h in HALF_MAPS)]
-
-
 def project_pipeline_version(project_dir: Path = Path(".")) -> str:
     """The pipeline format of the project in ``project_dir`` ("5" when there is none)."""
     from relion_dynamight.relion.pipeline import pipeline_path, read_pipeline
@@ -187,42 +159,3 @@ def declare_nodes_for_project(job_dir: Path, nodes: list[tuple[str, str]], versi
         write_output_nodes(job_dir, nodes, legacy=True)
     else:
         write_output_nodes(job_dir, [(name, node_type_value(label, version)) for name, label in nodes])
-
-
-def run_external(command_name: str, args: Sequence[str]) -> int:
-    """Run ``command_name`` under RELION's External-job conventions; returns the exit code."""
-    import click
-
-    from relion_dynamight.jobs.runner import run_task
-
-    try:
-        ext = parse_external_args(args)
-    except InputError as exc:
-        print(f"ERROR: {exc}")
-        return 1
-
-    def task(job: Any) -> list[tuple[str, str]] | None:
-        from relion_dynamight.cli import cli
-
-        if command_name not in SPECS or command_name not in cli.commands:
-            raise InputError(f"'{command_name}' cannot run as an External job; use one of {', '.join(SPECS)}")
-        command = cli.commands[command_name]
-        argv = translate(command_name, command, ext)
-        try:
-            ctx = command.make_context(command_name, argv)
-        except click.ClickException as exc:
-            raise InputError(f"{command_name} {' '.join(argv)}: {exc.format_message()}") from exc
-        options = dict(ctx.params)
-        options.pop("pipeline_control", None)
-        module = importlib.import_module(f"relion_dynamight.jobs.{SPECS[command_name].module}")
-        nodes = list(module.run(job, **options) or [])
-        spec = SPECS[command_name]
-        if spec.declare:
-            nodes += globals()[spec.declare](ext.job_dir)
-        version = project_pipeline_version(Path("."))
-        if nodes and version != "5" and job.writer:
-            declare_nodes_for_project(ext.job_dir, nodes, version)
-            return None
-        return nodes
-
-    return run_task(f"external {command_name}", ext.job_dir, task)

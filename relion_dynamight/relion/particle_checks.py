@@ -12,16 +12,44 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
+import pandas as pd
 
 from relion_dynamight.errors import InputError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from relion_dynamight.relion.star import ParticleTable
-
 log = logging.getLogger("relion_dynamight")
+
+
+class ParticleTable(Protocol):
+    """What the checks read of a :class:`relion_dynamight.relion.star.ParticleTable` (star.py imports this module)."""
+
+    path: Path
+    particles: pd.DataFrame
+    optics: pd.DataFrame | None
+
+    @property
+    def pixel_sizes(self) -> np.ndarray: ...
+
+    @property
+    def random_subset(self) -> np.ndarray: ...
+
+    def has_column(self, name: str) -> bool: ...
+
+    def column(self, name: str, default: float | None = None, indices: Sequence[int] | None = None) -> np.ndarray: ...
+
+
+def numeric_column(series: pd.Series, path: Path, name: str) -> np.ndarray:
+    """A STAR column as float64; :class:`InputError` naming the file, column and row of a non-number."""
+    try:
+        return series.to_numpy(dtype=np.float64)
+    except (ValueError, TypeError):
+        bad = np.flatnonzero(pd.to_numeric(series, errors="coerce").isna().to_numpy())
+        row = int(bad[0]) if bad.size else 0
+        raise InputError(f"{path}: column _{name} has the non-numeric value {series.iloc[row]!r} in row "
+                         f"{row + 1}; repair the STAR file") from None
 
 #: column → (lowest, highest allowed value, unit and what to do); None = no bound.  Values outside are errors.
 PHYSICAL_RANGES: dict[str, tuple[float | None, float | None, str]] = {
@@ -52,7 +80,7 @@ PIXEL_TOLERANCE = 1e-3
 ORIGIN_TOLERANCE = 0.01
 
 
-def check_particles(table: "ParticleTable") -> None:
+def check_particles(table: ParticleTable) -> None:
     """All checks of this module; raises :class:`InputError` at the first problem."""
     for column, (low, high, unit) in PHYSICAL_RANGES.items():
         _check_column(table, column, low, high, unit)
@@ -60,20 +88,19 @@ def check_particles(table: "ParticleTable") -> None:
     _check_duplicates(table)
 
 
-def _where(table: "ParticleTable", column: str, row: int) -> str:
+def _where(table: ParticleTable, column: str, row: int) -> str:
     if column in table.particles:
         name = table.particles["rlnImageName"].iloc[row] if "rlnImageName" in table.particles else "?"
         return f"particle {row + 1} ({name})"
     return f"optics group row {row + 1}"
 
 
-def _check_column(table: "ParticleTable", column: str, low: float | None, high: float | None, unit: str) -> None:
-    from relion_dynamight.relion.star import _numeric
+def _check_column(table: ParticleTable, column: str, low: float | None, high: float | None, unit: str) -> None:
 
     if column in table.particles:
-        values = _numeric(table.particles[column], table.path, column)
+        values = numeric_column(table.particles[column], table.path, column)
     elif table.optics is not None and column in table.optics:
-        values = _numeric(table.optics[column], table.path, column)
+        values = numeric_column(table.optics[column], table.path, column)
     else:
         return
     bad = np.flatnonzero(~np.isfinite(values))
@@ -88,7 +115,7 @@ def _check_column(table: "ParticleTable", column: str, low: float | None, high: 
                          f"[{low:g}, {high:g}] {unit}; check the value and the column's units")
 
 
-def _check_origins(table: "ParticleTable") -> None:
+def _check_origins(table: ParticleTable) -> None:
     """``rlnOriginX/Y`` (pixels) and ``rlnOriginX/YAngst`` both present: they must agree."""
     for axis in ("X", "Y"):
         px, angst = f"rlnOrigin{axis}", f"rlnOrigin{axis}Angst"
@@ -103,7 +130,7 @@ def _check_origins(table: "ParticleTable") -> None:
                              f"keep one of the two columns")
 
 
-def require_one_pixel_size(table: "ParticleTable") -> float:
+def require_one_pixel_size(table: ParticleTable) -> float:
     """The particles' one pixel size (Å); :class:`InputError` when optics groups differ.  Called by the tasks
     that process images: one box with different pixel sizes samples different spatial frequencies, which
     neither the reconstruction nor the training rescales (reading such a file is fine)."""
@@ -117,7 +144,7 @@ def require_one_pixel_size(table: "ParticleTable") -> float:
     return float(sizes[0])
 
 
-def _check_duplicates(table: "ParticleTable") -> None:
+def _check_duplicates(table: ParticleTable) -> None:
     names = table.particles["rlnImageName"].astype(str)
     canonical = names.map(_canonical_name)
     dup = canonical.duplicated(keep=False).to_numpy()

@@ -107,16 +107,6 @@ def read_header(path: Path, image_name: str, star_path: Path) -> StackHeader:
     return header
 
 
-def first_image_size(table: "ParticleTable", project_dir: Path | None = None) -> int:
-    """Box size of the first particle's image (for RELION 3.0 files without an optics table)."""
-    name = table.image_names[0]
-    _, stack = parse_image_name(name)
-    path = resolve_stack(stack, table.path, project_dir)
-    if path is None:
-        raise _missing(name, stack, table.path, project_dir)
-    return read_header(path, name, table.path).nx
-
-
 def _missing(name: str, stack: str, star_path: Path, project_dir: Path | None) -> InputError:
     tried = ", ".join(str(c) for c in candidate_paths(stack, star_path, project_dir))
     return InputError(f"{star_path}: image file of particle {name} not found (tried {tried}); run from the "

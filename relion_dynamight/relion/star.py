@@ -26,6 +26,7 @@ import torch
 
 from relion_dynamight.errors import InputError
 from relion_dynamight.imaging.ctf import CtfParams
+from relion_dynamight.relion.particle_checks import check_particles, numeric_column
 
 log = logging.getLogger("relion_dynamight")
 
@@ -123,17 +124,6 @@ def _parse_lines(lines: list[str], drop_comments: bool) -> dict:
         os.unlink(tmp)
 
 
-def _numeric(series: pd.Series, path: Path, name: str) -> np.ndarray:
-    """A STAR column as float64; :class:`InputError` naming the file, column and row of a non-number."""
-    try:
-        return series.to_numpy(dtype=np.float64)
-    except (ValueError, TypeError):
-        bad = np.flatnonzero(pd.to_numeric(series, errors="coerce").isna().to_numpy())
-        row = int(bad[0]) if bad.size else 0
-        raise InputError(f"{path}: column _{name} has the non-numeric value {series.iloc[row]!r} in row "
-                         f"{row + 1}; repair the STAR file") from None
-
-
 def _as_frame(block: pd.DataFrame | dict) -> pd.DataFrame:
     if isinstance(block, pd.DataFrame):
         return block
@@ -158,7 +148,6 @@ class ParticleTable:
     particles_block: str = "particles"
     #: Other data blocks of the file (e.g. ``general``), kept for writing.
     other_blocks: dict[str, pd.DataFrame] = field(default_factory=dict)
-    _image_size: int | None = field(default=None, repr=False)
     _optics_rows: np.ndarray | None = field(default=None, repr=False)
     _pixel_sizes: np.ndarray | None = field(default=None, repr=False)
 
@@ -169,9 +158,9 @@ class ParticleTable:
     def _optics_row_index(self) -> np.ndarray:
         """Row number in ``optics`` of each particle's optics group, ``(n,)`` (cached)."""
         if self._optics_rows is None:
-            groups = _numeric(self.optics["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
+            groups = numeric_column(self.optics["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
             if "rlnOpticsGroup" in self.particles:
-                pg = _numeric(self.particles["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
+                pg = numeric_column(self.particles["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
             else:
                 pg = np.full(len(self.particles), groups[0], dtype=np.int64)
             sorter = np.argsort(groups, kind="stable")
@@ -192,9 +181,9 @@ class ParticleTable:
         """Per-particle float64 values of ``name``: particle row, else optics row, else ``default``."""
         rows = slice(None) if indices is None else np.asarray(indices, dtype=np.int64)
         if name in self.particles:
-            return _numeric(self.particles[name], self.path, name)[rows]
+            return numeric_column(self.particles[name], self.path, name)[rows]
         if self.optics is not None and name in self.optics:
-            return _numeric(self.optics[name], self.path, name)[self._optics_row_index()[rows]]
+            return numeric_column(self.optics[name], self.path, name)[self._optics_row_index()[rows]]
         if default is None:
             raise InputError(f"{self.path}: column _{name} is missing (particles and optics tables); "
                              "add it to the STAR file")
@@ -205,18 +194,6 @@ class ParticleTable:
     @property
     def image_names(self) -> list[str]:
         return [str(v) for v in self.particles["rlnImageName"].tolist()]
-
-    @property
-    def image_size(self) -> int:
-        """Image box in pixels: the optics table's ``rlnImageSize`` (equal in all groups), else the first image."""
-        if self._image_size is None:
-            size = self.optics_image_size()
-            if size is None:
-                from relion_dynamight.relion.stacks import first_image_size
-
-                size = first_image_size(self)
-            self._image_size = size
-        return self._image_size
 
     def optics_image_size(self) -> int | None:
         """``rlnImageSize`` of the optics table (error when groups differ); ``None`` when absent."""
@@ -271,7 +248,7 @@ class ParticleTable:
         """``(n,)`` int64 half-set numbers 1/2 from ``rlnRandomSubset``; ``None`` when absent."""
         if "rlnRandomSubset" not in self.particles:
             return None
-        values = _numeric(self.particles["rlnRandomSubset"], self.path, "rlnRandomSubset")
+        values = numeric_column(self.particles["rlnRandomSubset"], self.path, "rlnRandomSubset")
         bad = np.flatnonzero((values != 1) & (values != 2))
         if bad.size:
             row = int(bad[0])
@@ -348,8 +325,6 @@ def _validate(table: ParticleTable) -> None:
     table.pixel_sizes  # noqa: B018 - raises InputError when no pixel size can be found
     table.optics_image_size()
     table.random_subset  # noqa: B018 - raises InputError for values other than 1 and 2
-    from relion_dynamight.relion.particle_checks import check_particles
-
     check_particles(table)
 
 

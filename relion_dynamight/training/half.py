@@ -31,7 +31,7 @@ from relion_dynamight.imaging.fourier import irfft2_centered, rfft2_centered, sh
 from relion_dynamight.imaging.gaussians import project_gaussians
 from relion_dynamight.model.consensus import GaussianModel, GaussianParams
 from relion_dynamight.training.reference_frame import closest_to_initial
-from relion_dynamight.model.decoder import DeformationDecoder
+from relion_dynamight.model.decoder import decoder_from_config
 from relion_dynamight.model.encoder import Encoder
 from relion_dynamight.model.losses import data_loss, gradient_ratio_lambda, kl_loss
 from relion_dynamight.model.noise import NoiseSpectrum
@@ -132,9 +132,7 @@ class HalfModel:
         with rng.seeded_global(seed, half, rng.INIT):
             self.encoder = Encoder(self.box, int(config["latent_dim"]), hidden=tuple(config["encoder_hidden"]),
                                    downsample=int(config["encoder_downsample"])).to(device)
-            self.decoder = DeformationDecoder(int(config["latent_dim"]), self.box, n_freqs=int(config["decoder_freqs"]),
-                                              hidden=int(config["decoder_hidden"]),
-                                              n_layers=int(config["decoder_layers"]), mask=mask_weights).to(device)
+            self.decoder = decoder_from_config(config, mask_weights).to(device)
             with torch.no_grad():  # start with small posterior noise so z carries the encoder's signal early
                 self.encoder.head.bias[int(config["latent_dim"]):] = float(config.get("encoder_logvar_init", -4.0))
         self.opt_gaussians = torch.optim.Adam(self.gaussians.parameters(), lr=float(config["lr_gaussians"]))
