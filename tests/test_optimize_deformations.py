@@ -18,7 +18,7 @@ import torch
 
 from relion_dynamight.jobs.simulate import simulate_project
 from relion_dynamight.training import checkpoint as ckpt
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_for
 
 N_EPOCHS = 5
 
@@ -102,6 +102,58 @@ def test_progress_lines(project):
     # rerunning a finished job continues from its final checkpoint without training again
     res = run_cli(*_args("DynaMight/job003", 4), cwd=project)
     assert res.returncode == 0 and "Training already complete" in res.stdout
+
+
+def _png_not_blank(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert float(np.asarray(matplotlib.image.imread(path))[..., :3].std()) > 0.01, f"{path} is blank"
+
+
+def test_live_maps_figures_and_report_while_training(project):
+    """Every --live-every epochs the running job rewrites its consensus maps, figures and a self-reloading
+    report; caught while the job is stopped (SIGSTOP) mid-run, then the end replaces them with the final ones."""
+    import mrcfile
+
+    job = project / "DynaMight" / "job007"
+    fwd = job / "forward_deformations"
+    log_path = project / "job007.out"
+    cmd = [sys.executable, "-m", "relion_dynamight.launcher", *_args("DynaMight/job007", 6, "--live-every", "2")]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=project, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: (fwd / "report.html").is_file() or proc.poll() is not None, "the first live report")
+            proc.send_signal(signal.SIGSTOP)
+            assert proc.poll() is None, "the job finished before its live files could be looked at"
+            report = (fwd / "report.html").read_text()
+            assert "Training is running: epoch " in report and "http-equiv='refresh'" in report
+            assert "at most" in report and "to go (ETA" in report
+            for h in (1, 2):
+                with mrcfile.open(fwd / f"consensus_half{h}.mrc") as mrc:
+                    data = np.asarray(mrc.data)
+                    assert data.shape == (32, 32, 32) and np.isfinite(data).all() and data.std() > 0
+                    assert abs(float(mrc.voxel_size.x) - 3.0) < 1e-4
+            for name in ("loss_curves.png", "latent_space.png"):
+                _png_not_blank(fwd / name)
+            assert not (fwd / "latent_space.star").exists()    # the final outputs are not there yet
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=600)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    text = log_path.read_text()
+    assert "epoch 2/6 done: " in text and " elapsed, at most " in text
+    assert text.count("Live maps and figures rewritten (every 2 epochs)") == 2      # epochs 2 and 4, not 6
+    final = (fwd / "report.html").read_text()
+    assert "Training finished" in final and "refresh" not in final
+    assert (fwd / "latent_space.star").is_file()
+    _png_not_blank(fwd / "latent_space.png")
+
+
+def test_live_every_is_checked(project):
+    res = run_cli(*_args("DynaMight/job008", 2, "--live-every", "-1"), cwd=project)
+    assert res.returncode == 1 and "--live-every -1 must be 0 (never) or a number of epochs" in res.stdout + res.stderr
 
 
 def test_resume_after_sigkill_equals_uninterrupted(project, reference):

@@ -8,15 +8,19 @@ from typing import Mapping
 import numpy as np
 
 
-
 def _save(plt: object, fig: object, path: Path) -> Path:
-    """Lay out, write ``fig`` as PNG to ``path`` (creating its folder) and release it."""
+    """Lay out, write ``fig`` as PNG to ``path`` (creating its folder; atomically, so a figure that is rewritten
+    while a job runs is never seen half written) and release it."""
+    from relion_dynamight.relion.jobdir import atomic_output
+
     fig.tight_layout()  # type: ignore[attr-defined]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)  # type: ignore[attr-defined]
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # type: ignore[attr-defined]
     plt.close(fig)  # type: ignore[attr-defined]
     return path
+
 
 def _pyplot():
     import matplotlib

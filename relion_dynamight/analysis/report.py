@@ -42,9 +42,12 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def render_html(title: str, commands: list[str], sections: list[Section], report_dir: Path) -> str:
-    """HTML text of the report; file links are relative to ``report_dir``."""
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+def render_html(title: str, commands: list[str], sections: list[Section], report_dir: Path,
+                refresh_seconds: int | None = None) -> str:
+    """HTML text of the report; file links are relative to ``report_dir``.  ``refresh_seconds``: a browser reloads
+    the page that often (the live report of a running job)."""
+    refresh = f"<meta http-equiv='refresh' content='{int(refresh_seconds)}'>" if refresh_seconds else ""
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'>{refresh}<title>{html.escape(title)}</title>",
            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     if commands:
         out.append("<h2>Commands</h2>")
@@ -74,9 +77,10 @@ def render_html(title: str, commands: list[str], sections: list[Section], report
     return "\n".join(out)
 
 
-def write_report(path: Path, title: str, commands: list[str], sections: list[Section]) -> Path:
+def write_report(path: Path, title: str, commands: list[str], sections: list[Section],
+                 refresh_seconds: int | None = None) -> Path:
     """Write the report atomically to ``path`` (normally ``DIR/report.html``)."""
     from relion_dynamight.relion.jobdir import atomic_write_text
 
-    atomic_write_text(Path(path), render_html(title, commands, sections, Path(path).parent))
+    atomic_write_text(Path(path), render_html(title, commands, sections, Path(path).parent, refresh_seconds))
     return Path(path)

@@ -30,7 +30,8 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
         n_threads: int = 1, preload_images: bool = False, gpu_id: str = "", n_latent_dimensions: int = 6,
         n_epochs: int = 50, batch_size: int | None = None, checkpoint_file: Path | None = None,
         atomic_model: Path | None = None, mask_file: Path | None = None, seed: int = 0,
-        validation_fraction: float = 0.1, schedule: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+        validation_fraction: float = 0.1, live_every: int = 5,
+        schedule: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """Run the task (see the module docstring); returns no output nodes (RELION declares none here)."""
     from relion_dynamight.parallel.device import choose_device, thread_count
     from relion_dynamight.parallel.mpi import world
@@ -38,7 +39,7 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
 
     if output_directory is None:
         raise InputError("not a RELION project job: give --output-directory DIR (e.g. DynaMight/job001/)")
-    _check_options(n_gaussians, n_latent_dimensions, n_epochs, batch_size, regularization_factor)
+    _check_options(n_gaussians, n_latent_dimensions, n_epochs, batch_size, regularization_factor, live_every)
     out = Path(output_directory)
     comm = world()
     torch.set_num_threads(thread_count(int(n_threads), "--n-threads"))
@@ -59,7 +60,8 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
         batch_size=batch_size, seed=int(seed), validation_fraction=float(validation_fraction),
         initial_threshold=initial_threshold, atomic_model=str(atomic_model) if atomic_model else None,
         mask_file=str(mask_file) if mask_file else None, star_file=str(refinement_star_file),
-        initial_model=str(initial_model), schedule={"n_epochs": int(n_epochs), **(schedule or {})})
+        initial_model=str(initial_model), live_every=int(live_every),
+        schedule={"n_epochs": int(n_epochs), **(schedule or {})})
 
     state = _find_checkpoint(out, checkpoint_file, device, fp)
     if state is not None:
@@ -112,7 +114,8 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
 MAX_LATENT = 128
 
 
-def _check_options(n_gaussians: int, latent: int, n_epochs: int, batch_size: int | None, reg: float) -> None:
+def _check_options(n_gaussians: int, latent: int, n_epochs: int, batch_size: int | None, reg: float,
+                   live_every: int = 5) -> None:
     if n_gaussians < 3:
         raise InputError(f"--n-gaussians {n_gaussians} is too small; use at least 3 (typically 1000-30000)")
     if latent < 1:
@@ -127,6 +130,8 @@ def _check_options(n_gaussians: int, latent: int, n_epochs: int, batch_size: int
         raise InputError(f"--n-epochs {n_epochs} must be at least 1")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be at least 1")
+    if live_every < 0:
+        raise InputError(f"--live-every {live_every} must be 0 (never) or a number of epochs")
     if reg < 0:
         raise InputError(f"--regularization-factor {reg} must not be negative")
 

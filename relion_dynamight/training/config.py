@@ -17,7 +17,7 @@ from relion_dynamight.training.schedule import Schedule
 log = logging.getLogger("relion_dynamight")
 
 #: Keys a new command line may change when continuing a checkpoint (others come from the checkpoint).
-RESUMABLE_CHANGES = ("n_epochs",)
+RESUMABLE_CHANGES = ("n_epochs", "live_every")
 
 
 def default_config(**overrides: Any) -> dict[str, Any]:
@@ -73,6 +73,8 @@ def default_config(**overrides: Any) -> dict[str, Any]:
         # checkpoints kept: the 3 newest, every 10th epoch, the best validation epoch and the final one
         "keep_checkpoints": 3,
         "keep_every": 10,
+        # every this many epochs the current consensus maps, figures and report.html are rewritten (0 = never)
+        "live_every": 5,
         "schedule": Schedule().as_dict(),
     }
     schedule = overrides.pop("schedule", None)
@@ -131,6 +133,8 @@ def merge_resumed(stored: dict[str, Any], requested: dict[str, Any]) -> dict[str
         log.info("Continuing with --n-epochs %d (the checkpoint was made for %d)", new_epochs,
                  stored["schedule"]["n_epochs"])
         merged["schedule"]["n_epochs"] = new_epochs
+    if requested.get("live_every") is not None:
+        merged["live_every"] = int(requested["live_every"])   # how often files are rewritten: not the model
     for key in ("n_gaussians", "latent_dim", "regularization_factor", "seed", "validation_fraction"):
         if requested.get(key) is not None and requested[key] != stored.get(key):
             log.warning("WARNING: --%s %s differs from the checkpoint's %s; continuing with the checkpoint's "

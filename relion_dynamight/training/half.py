@@ -145,6 +145,7 @@ class HalfModel:
         self.plateau = Plateau(int(config["schedule"]["patience"]))
         self.stopped = False
         self.history: list[dict[str, float]] = []
+        self.val_latents = np.zeros((0, int(config["latent_dim"])), dtype=np.float32)  # from the last validation
         self.fixed_edges = fixed_edges
         self._graph: tuple[Tensor, Tensor, float] | None = None
 
@@ -380,16 +381,19 @@ class HalfModel:
         self.noise.reset()
         total, count = 0.0, 0
         bs = int(self.config["batch_size"])
+        means = []
         for i in range(0, len(indices), bs):
             check_abort()
             batch = data.batch(indices[i:i + bs]).to(self.device)
             observed, images = self.encoder_input(batch)
             mu, _ = self.encoder(images)
+            means.append(mu.cpu())
             pos = self.gaussians.positions
             residual = observed - self.predict(batch, pos + self.decoder(pos, mu))
             self.noise.update(residual)
             total += float((residual.abs() ** 2).mean(dim=(-2, -1)).sum())
             count += len(batch)
+        self.val_latents = torch.cat(means).numpy() if means else np.zeros((0, int(self.config["latent_dim"])))
         return total / max(count, 1)
 
     @torch.no_grad()

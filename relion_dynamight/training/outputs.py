@@ -2,7 +2,8 @@
 
 ``DIR/forward_deformations/``: ``latent_space.star`` (every input column, input order, plus
 ``rlnRandomSubset`` = half used, ``dmValidation`` and ``dmLatent1..L``), ``consensus_half{1,2}.mrc``
-(the halves' consensus Gaussian models rendered as maps), ``loss_curves.png``, ``latent_space.png``.
+(the halves' consensus Gaussian models rendered as maps), ``loss_curves.png``, ``latent_space.png`` and
+``report.html`` (the same files are rewritten every few epochs while training runs: :mod:`.live`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from relion_dynamight.training import checkpoint as ckpt
 from relion_dynamight.training.halves import HalfSplit
@@ -32,8 +32,8 @@ def write_outputs(output_dir: Path, table: Any, split: HalfSplit, latents: np.nd
                   config: dict[str, Any]) -> dict[str, Path]:
     """Write the user-facing outputs; returns their paths by name."""
     from relion_dynamight.analysis.figures import latent_scatter, loss_curves
-    from relion_dynamight.imaging.gaussians import render_volume
     from relion_dynamight.relion.mrc import write_map
+    from relion_dynamight.training.live import consensus_maps, write_report
     from relion_dynamight.relion.star import write_particles
 
     folder = forward_dir(output_dir)
@@ -43,18 +43,13 @@ def write_outputs(output_dir: Path, table: Any, split: HalfSplit, latents: np.nd
              **latent_columns(latents)}
     paths["latent_space"] = write_particles(table, folder / "latent_space.star", extra_columns=extra)
     state = ckpt.load_checkpoint(final_checkpoint)
-    box = int(config["box"])
-    for h in (1, 2):
-        g = state["halves"][h]["gaussians"]
-        rel = g.get("relative_amplitudes")
-        amp = torch.exp(g["log_amplitude"]) * (rel if rel is not None else 1.0)
-        with torch.no_grad():
-            volume = render_volume(g["positions"], amp, torch.exp(g["log_width"]), box)
-        paths[f"consensus_half{h}"] = write_map(folder / f"consensus_half{h}.mrc", volume.numpy(),
+    for h, volume in consensus_maps(state["halves"], int(config["box"])).items():
+        paths[f"consensus_half{h}"] = write_map(folder / f"consensus_half{h}.mrc", volume,
                                                 float(config["pixel_size"]))
     histories = {h: state["halves"][h].get("history") or {} for h in (1, 2)}
     paths["loss_curves"] = loss_curves(histories, folder / "loss_curves.png")
     paths["latent_scatter"] = latent_scatter(latents, split.half, split.validation, folder / "latent_space.png")
+    paths["report"] = write_report(folder, None, final=True)
     for name, path in paths.items():
         log.info("Written %s: %s", name.replace("_", " "), path)
     return paths

@@ -8,6 +8,7 @@ rank's half (only model state crosses ranks, never images, and only to be writte
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from relion_dynamight.errors import InputError
 from relion_dynamight.training import checkpoint as ckpt
 from relion_dynamight.training.half import HalfModel, TrainingDiverged
 from relion_dynamight.training.halves import HalfSplit
+from relion_dynamight.training.live import Progress
 from relion_dynamight.training.schedule import Schedule
 
 log = logging.getLogger("relion_dynamight")
@@ -139,6 +141,7 @@ class Trainer:
         if epoch >= n_epochs or self._all_stopped():
             log.info("Training already complete (%d epochs in the checkpoint)", epoch)
             return epoch
+        started, first = time.monotonic(), epoch
         while epoch < n_epochs:
             lines = []
             for h in sorted(self.models):
@@ -160,13 +163,34 @@ class Trainer:
             self._log_lines(lines)
             epoch += 1
             all_stopped = self._all_stopped()
+            progress = Progress(epoch, n_epochs, first, time.monotonic() - started)
+            if self.comm.rank == 0:
+                log.info(progress.line())
             if self.schedule.write_checkpoint(epoch - 1) or epoch == n_epochs or all_stopped:
                 path = self.write_checkpoint(epoch)
                 if path is not None:
                     log.info("Checkpoint written: %s", path)
             if all_stopped:
                 break
+            live = int(self.config.get("live_every", 5))
+            if live > 0 and epoch % live == 0 and epoch < n_epochs:
+                self.write_live(progress)
         return epoch
+
+    def write_live(self, progress: Progress) -> None:
+        """Rewrite the live maps, figures and report (:mod:`.live`) on rank 0."""
+        from relion_dynamight.training.live import write_live
+        from relion_dynamight.training.outputs import forward_dir
+
+        trees = self.gather_trees()
+        local = {h: m.val_latents for h, m in self.models.items()}
+        parts = self.comm.gather(local, root=0) if self.comm.size > 1 else [local]
+        if trees is None or parts is None:
+            return
+        val_latents = {h: z for part in parts for h, z in part.items()}
+        write_live(forward_dir(self.output_dir), trees, self.config, val_latents, progress)
+        log.info("Live maps and figures rewritten (every %d epochs): %s", int(self.config.get("live_every", 5)),
+                 forward_dir(self.output_dir) / "report.html")
 
     def _log_lines(self, lines: list[str]) -> None:
         gathered = self.comm.gather(lines, root=0) if self.comm.size > 1 else [lines]
