@@ -251,6 +251,9 @@ def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> 
 @click.option("--refinement-star-file", type=click.Path(path_type=Path), default=None,
               help="Particles STAR file of the training (default: the one recorded in the checkpoint).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means and UMAP.")
+@click.option("--mask-file", type=click.Path(path_type=Path), default=None,
+              help="Soft mask (MRC, values 0-1, the consensus map's box): analyse, map and film the motion only "
+                   "inside it (outside, nothing moves), as deformable-backprojection --mask-file.")
 @gpu_option
 @pipeline_control_option
 def explore_latent_space(pipeline_control: Path | None, **options: Any) -> None:

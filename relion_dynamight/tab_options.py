@@ -78,7 +78,6 @@ _BACKPROJECTION_ORIGINAL = {
 }
 _EXPLORE_ORIGINAL = {
     "--refinement-star-file": (IGNORE, VALUE, "the particles are those of the training checkpoint"),
-    "--mask-file": (REFUSE, VALUE, "not available for explore-latent-space yet"),
     "--particle-diameter": (IGNORE, VALUE, "not used for the exploration"),
     "--soft-edge-width": (IGNORE, VALUE, "not used for the exploration"),
     "--n-workers": (IGNORE, VALUE, "images are read in the main process"),

@@ -117,3 +117,40 @@ def test_no_checkpoint_says_what_to_run(tmp_path: Path, monkeypatch: pytest.Monk
     assert "no training checkpoint" in result.output and "optimize-deformations" in result.output
     result = invoke("explore-latent-space", str(job), "--half-set", "5")
     assert result.exit_code == 1 and "--half-set 5: use 1 or 2" in result.output
+
+
+def test_mask_file_restricts_the_motion_to_the_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--mask-file: Gaussians outside the mask do not move in any output, those inside move as without it."""
+    import mrcfile
+
+    make_trained_job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    mask = np.zeros((BOX, BOX, BOX), dtype=np.float32)
+    mask[:, :, BOX // 2:] = 1.0                                   # x >= 0 px (index [z, y, x], centre N // 2)
+    with mrcfile.new(tmp_path / "mask.mrc") as mrc:
+        mrc.set_data(mask)
+        mrc.voxel_size = PIXEL
+    motion = {}
+    for name, extra in (("plain", []), ("masked", ["--mask-file", "mask.mrc"])):
+        result = invoke("explore-latent-space", JOB, "--half-set", "1", "--movie-pcs", "1", "--n-frames", "3",
+                        "--gpu-id", "cpu", *extra, "--pipeline-control", JOB + "/")
+        assert result.exit_code == 0, result.output
+        motion[name] = np.loadtxt(tmp_path / JOB / "explore" / "half1" / "gaussian_motion.csv", delimiter=",",
+                                  skiprows=1)
+    x = motion["plain"][:, 1] / PIXEL
+    assert np.array_equal(motion["plain"][:, :4], motion["masked"][:, :4])
+    outside, inside = x <= -1, x >= 1
+    assert outside.sum() == inside.sum() == 125
+    assert motion["plain"][outside, 5].min() > 0.01                       # without the mask everything moves
+    assert np.abs(motion["masked"][outside, 4:]).max() < 1e-6            # outside: nothing moves
+    np.testing.assert_allclose(motion["masked"][inside, 4:], motion["plain"][inside, 4:], rtol=1e-4, atol=1e-6)
+    mask_log = "deformations restricted to mask.mrc: 125 of 250 Gaussians inside"
+    assert mask_log in result.output
+    small = np.ones((16, 16, 16), dtype=np.float32)
+    with mrcfile.new(tmp_path / "small.mrc") as mrc:
+        mrc.set_data(small)
+    result = invoke("explore-latent-space", JOB, "--half-set", "1", "--mask-file", "small.mrc",
+                    "--pipeline-control", JOB + "/")
+    assert result.exit_code == 1 and (tmp_path / JOB / EXIT_FAILURE).exists()
+    assert "--mask-file small.mrc: box 16 differs from the particles' 32" in result.output

@@ -40,6 +40,31 @@ class DeformableModel:
         return self.positions.device
 
 
+class MaskedDecoder(torch.nn.Module):
+    """``decoder`` restricted to a soft mask: ``d(x, z) · m(x)``, with ``m`` the mask ``(N, N, N)`` ``[z, y, x]``
+    (values in [0, 1]) looked up trilinearly at the undeformed positions ``x`` ``(M, 3)`` (pixels from the box
+    centre, (x, y, z)).  Outside the mask nothing moves, inside the motion is the decoder's, blended in the soft
+    edge: the same rule as ``deformable-backprojection --mask-file``, so analysis and maps agree."""
+
+    def __init__(self, decoder: Decoder, mask: Tensor) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("mask", mask.detach().float())
+
+    def forward(self, positions: Tensor, z: Tensor) -> Tensor:
+        from relion_dynamight.model.regularizers import mask_to_gaussian_weights
+
+        weights = mask_to_gaussian_weights(self.mask.to(positions.device), positions).to(positions.dtype)
+        return self.decoder(positions, z) * weights[None, :, None]
+
+
+def restrict_to_mask(model: DeformableModel, mask: Tensor) -> DeformableModel:
+    """``model`` whose deformations act only inside ``mask`` (:class:`MaskedDecoder`); the encoder is unchanged."""
+    import dataclasses
+
+    return dataclasses.replace(model, decoder=MaskedDecoder(model.decoder, mask.to(model.device)))
+
+
 # -- embeddings ------------------------------------------------------------------------------------
 @dataclass
 class Pca:

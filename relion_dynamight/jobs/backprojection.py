@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from relion_dynamight.errors import InputError
-from relion_dynamight.training import trained as inv
 from relion_dynamight.jobs.backprojection_memory import plan_memory
+from relion_dynamight.relion.mrc import read_soft_mask
+from relion_dynamight.training import trained as inv
 
 log = logging.getLogger("relion_dynamight")
 
@@ -147,7 +148,8 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
     inputs = inv.load_forward(out, checkpoint_file, "deformable-backprojection")
     infos = {h: _inverse_for(out, h, inputs, device) for h in (1, 2)}
     box = inputs.box
-    deform_mask = read_deformation_mask(mask_file, box, device) if mask_file is not None else None
+    deform_mask = (torch.from_numpy(read_soft_mask(mask_file, box, "--mask-file")).to(device)
+                   if mask_file is not None else None)
     plan = plan_memory(box, int(batch_size), device)   # before the images are opened or grids allocated
     data = _particles(inputs, preload_images)
     insert_batch = plan.batch_size   # particles inserted at once: bounds the memory of one insertion step
@@ -184,23 +186,6 @@ def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file:
     pixel = float(inputs.config.get("pixel_size") or float(data.pixel_sizes[0]))
     points = inputs.state["initial"]["positions"].float() if regional_choice else None
     return write_maps(out, results, box, pixel, points)
-
-
-def read_deformation_mask(path: Path, box: int, device: torch.device) -> Tensor:
-    """``--mask-file``: a map ``(box, box, box)`` with values in [0, 1] (RELION's soft masks) that restricts the
-    deformation correction to its region, as the original's ``--mask-file`` does."""
-    from relion_dynamight.relion.mrc import read_map
-
-    values = read_map(path)[0]
-    if values.shape != (box,) * 3:
-        raise InputError(f"--mask-file {path}: box {values.shape[0]} differs from the particles' {box}; give a mask "
-                         "of the consensus map's box (e.g. from relion_mask_create)")
-    if not np.isfinite(values).all() or values.min() < -1e-3 or values.max() > 1.0 + 1e-3:
-        raise InputError(f"--mask-file {path}: values must lie in [0, 1] (found {values.min():g} to "
-                         f"{values.max():g}); give a RELION mask")
-    if float(values.max()) <= 0.0:
-        raise InputError(f"--mask-file {path}: the mask is empty; give the region whose motion to correct")
-    return torch.from_numpy(np.clip(values, 0.0, 1.0)).float().to(device)
 
 
 def restrict_to_mask(positions: Tensor, mask: Tensor | None) -> Tensor:

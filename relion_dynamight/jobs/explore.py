@@ -103,7 +103,7 @@ def run(job: Any, output_directory: Path, half_set: int = 1, checkpoint_file: Pa
         no_gui: bool = False, gpu_id: str = "", latent_points: Path | None = None, clusters: int | None = None,
         axis_range: Sequence[str] = (), polygon: Sequence[Path] = (), movie_pcs: int = 2,
         movie_path: Path | None = None, n_frames: int = 10, refinement_star_file: Path | None = None,
-        seed: int = 0, **_: Any) -> list[tuple[str, str]]:
+        seed: int = 0, mask_file: Path | None = None, **_: Any) -> list[tuple[str, str]]:
     """Run the analysis for ``--half-set`` 0, 1 or 2 and return the subset STAR output nodes."""
     if half_set not in (0, 1, 2):
         raise InputError(f"--half-set {half_set}: use 1 or 2 (that half's particles) or 0 (validation particles, "
@@ -113,6 +113,8 @@ def run(job: Any, output_directory: Path, half_set: int = 1, checkpoint_file: Pa
                              n_frames=n_frames, seed=seed)
     _check_options(options)
     inputs = load_inputs(Path(output_directory), half_set, checkpoint_file, gpu_id, refinement_star_file)
+    if mask_file is not None:
+        restrict_models(inputs, Path(mask_file))
     inputs.command = shlex.join(["relion_dynamight", *sys.argv[1:]]) if sys.argv else ""
     results = explore(inputs, options, job)
     if not no_gui and gui_possible():
@@ -120,6 +122,20 @@ def run(job: Any, output_directory: Path, half_set: int = 1, checkpoint_file: Pa
 
         launch(inputs, results)
     return results.nodes
+
+
+def restrict_models(inputs: ExploreInputs, mask_file: Path) -> None:
+    """``--mask-file``: every analysis, map and movie sees the deformations only inside the soft mask
+    (:class:`relion_dynamight.analysis.latent.MaskedDecoder`), as ``deformable-backprojection --mask-file``."""
+    from relion_dynamight.model.regularizers import mask_to_gaussian_weights
+    from relion_dynamight.relion.mrc import read_soft_mask
+
+    mask = torch.from_numpy(read_soft_mask(mask_file, inputs.box, "--mask-file"))
+    for h, model in inputs.models.items():
+        inside = int((mask_to_gaussian_weights(mask.to(model.device), model.positions) > 0.5).sum())
+        log.info("Half %d: deformations restricted to %s: %d of %d Gaussians inside (mask > 0.5)", h, mask_file,
+                 inside, model.positions.shape[0])
+        inputs.models[h] = lat.restrict_to_mask(model, mask)
 
 
 def gui_possible() -> bool:

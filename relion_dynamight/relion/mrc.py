@@ -72,3 +72,19 @@ def write_stack(path: str | Path, images: np.ndarray, pixel_size: float, float16
             mrc.voxel_size = float(pixel_size)
             mrc.update_header_stats()
     return path
+
+
+def read_soft_mask(path: str | Path, box: int, option: str) -> np.ndarray:
+    """A RELION soft mask for ``option`` (e.g. ``--mask-file``): a ``(box, box, box)`` map ``[z, y, x]`` with values in
+    [0, 1] (float32, clipped to the range); clear errors for another box, values outside [0, 1] or an empty mask."""
+    values = read_map(path)[0]
+    if values.shape != (box,) * 3:
+        raise InputError(f"{option} {path}: box {values.shape[0]} differs from the particles' {box}; give a mask "
+                         "of the consensus map's box (e.g. from relion_mask_create)")
+    if not np.isfinite(values).all() or values.min() < -1e-3 or values.max() > 1.0 + 1e-3:
+        raise InputError(f"{option} {path}: values must lie in [0, 1] (found {values.min():g} to "
+                         f"{values.max():g}); give a RELION mask")
+    if float(values.max()) <= 0.0:
+        raise InputError(f"{option} {path}: the mask is empty; give the region to restrict the deformations to")
+    return np.clip(values, 0.0, 1.0).astype(np.float32)
+
