@@ -157,6 +157,9 @@ def cli() -> None:
               help="Deform only Gaussians inside this mask.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--validation-fraction", type=FINITE, default=0.1, show_default=True)
+@click.option("--rigid-body-masks", default=None,
+              help="Rigid-body mode: comma-separated soft masks (MRC, the consensus map's box), one per body; each "
+                   "particle gets one rotation and translation per body (written to rigid_transforms.star).")
 @click.option("--live-every", type=int, default=5, show_default=True,
               help="Every N epochs rewrite forward_deformations/consensus_half*.mrc, the figures and report.html "
                    "(watch a running job; 0 = only at the end).")

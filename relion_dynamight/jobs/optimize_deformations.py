@@ -30,7 +30,7 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
         n_threads: int = 1, preload_images: bool = False, gpu_id: str = "", n_latent_dimensions: int = 6,
         n_epochs: int = 50, batch_size: int | None = None, checkpoint_file: Path | None = None,
         atomic_model: Path | None = None, mask_file: Path | None = None, seed: int = 0,
-        validation_fraction: float = 0.1, live_every: int = 5,
+        validation_fraction: float = 0.1, live_every: int = 5, rigid_body_masks: str | None = None,
         schedule: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """Run the task (see the module docstring); returns no output nodes (RELION declares none here)."""
     from relion_dynamight.parallel.device import choose_device, thread_count
@@ -54,13 +54,14 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
     require_one_pixel_size(data.table)
     fp = fingerprint(data.table.image_names)
     volume, map_pixel = _read_consensus(initial_model, data)
+    bodies = _rigid_bodies(rigid_body_masks, mask_file, int(data.box))
     requested = default_config(
         box=int(data.box), pixel_size=float(data.pixel_sizes[0]), n_gaussians=int(n_gaussians),
         latent_dim=int(n_latent_dimensions), regularization_factor=float(regularization_factor),
         batch_size=batch_size, seed=int(seed), validation_fraction=float(validation_fraction),
         initial_threshold=initial_threshold, atomic_model=str(atomic_model) if atomic_model else None,
         mask_file=str(mask_file) if mask_file else None, star_file=str(refinement_star_file),
-        initial_model=str(initial_model), live_every=int(live_every),
+        initial_model=str(initial_model), live_every=int(live_every), rigid_bodies=bodies,
         schedule={"n_epochs": int(n_epochs), **(schedule or {})})
 
     state = _find_checkpoint(out, checkpoint_file, device, fp)
@@ -74,6 +75,12 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
         config = requested
         split = make_split(data.table, int(seed), float(validation_fraction))
         initial, edges = _initial_model(volume, config, atomic_model, device)
+        if bodies:
+            from relion_dynamight.model.rigid import read_body_masks
+
+            initial["body_masks"], initial["body_centres"] = read_body_masks(bodies, int(config["box"]))
+            log.info("Rigid bodies: %d (%s), centres at %s px", len(bodies), ", ".join(bodies),
+                     "; ".join(" ".join(f"{v:.1f}" for v in c) for c in initial["body_centres"].tolist()))
         smallest = min(len(split.indices(h)) for h in (1, 2))
         if smallest < 2:
             raise InputError(f"a half set has only {smallest} training particle(s); at least 2 per half are needed "
@@ -199,6 +206,23 @@ def _initial_model(volume: torch.Tensor, config: dict[str, Any], atomic_model: P
     if edges is not None:
         tree["edges"] = edges
     return tree, edges
+
+
+def _rigid_bodies(rigid_body_masks: str | None, mask_file: Path | None, box: int) -> list[str] | None:
+    """``--rigid-body-masks a.mrc,b.mrc`` → the mask files (checked now, before any work), or None."""
+    if not rigid_body_masks:
+        return None
+    paths = [p.strip() for p in str(rigid_body_masks).split(",") if p.strip()]
+    if not paths:
+        raise InputError(f"--rigid-body-masks {rigid_body_masks!r}: give the body masks as FILE1.mrc,FILE2.mrc")
+    if mask_file is not None:
+        raise InputError("--rigid-body-masks and --mask-file exclude each other: the bodies' masks already say "
+                         "what moves; drop --mask-file")
+    from relion_dynamight.relion.mrc import read_soft_mask
+
+    for path in paths:
+        read_soft_mask(path, box, "--rigid-body-masks")
+    return paths
 
 
 def _mask_weights(mask_file: str | Path | None, initial: dict[str, Any], box: int,

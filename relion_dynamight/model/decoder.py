@@ -102,6 +102,14 @@ class DeformationDecoder(nn.Module):
         device = self.net.out.weight.device
         self.mask = None if mask is None else mask.detach().to(device=device, dtype=torch.float32).clone()
 
+    def displace(self, points: Tensor, z: Tensor, source: Tensor) -> Tensor:
+        """Displacements ``(B, K, 3)`` at per-particle points ``(B, K, 3)`` (e.g. jittered around the Gaussians);
+        the per-Gaussian mask applies through each point's ``source`` Gaussian ``(K,)``."""
+        disp = self.net.run(self.net.encode_points(points), z)
+        if self.mask is not None:
+            disp = disp * self.mask.to(disp.dtype)[source][None, :, None]
+        return disp
+
     def forward(self, positions: Tensor, z: Tensor) -> Tensor:
         disp = self.net.run(self.net.encode_points(positions).unsqueeze(0), z)
         if self.mask is not None:
@@ -133,9 +141,15 @@ class InverseDecoder(nn.Module):
         return out.expand(z.shape[0], -1, -1) if out.shape[0] != z.shape[0] else out
 
 
-def decoder_from_config(config: Mapping[str, Any], mask: Tensor | None = None) -> DeformationDecoder:
+def decoder_from_config(config: Mapping[str, Any], mask: Tensor | None = None) -> nn.Module:
     """The decoder that a training configuration (:func:`relion_dynamight.training.config.default_config`) describes:
-    ``latent_dim``, ``box``, ``decoder_freqs``, ``decoder_hidden``, ``decoder_layers``; untrained weights."""
+    ``latent_dim``, ``box``, ``decoder_freqs``, ``decoder_hidden``, ``decoder_layers``; untrained weights.  With
+    ``rigid_bodies`` (the body mask files) a :class:`~relion_dynamight.model.rigid.RigidBodyDecoder` whose masks
+    are filled by ``set_bodies`` or by loading a checkpoint's state."""
+    if config.get("rigid_bodies"):
+        from relion_dynamight.model.rigid import RigidBodyDecoder
+
+        return RigidBodyDecoder(int(config["latent_dim"]), int(config["box"]), len(config["rigid_bodies"]))
     return DeformationDecoder(int(config["latent_dim"]), int(config["box"]), n_freqs=int(config["decoder_freqs"]),
                               hidden=int(config["decoder_hidden"]), n_layers=int(config["decoder_layers"]), mask=mask)
 

@@ -75,6 +75,8 @@ def default_config(**overrides: Any) -> dict[str, Any]:
         "keep_every": 10,
         # every this many epochs the current consensus maps, figures and report.html are rewritten (0 = never)
         "live_every": 5,
+        # rigid-body mode: the body mask files (model.rigid); None = the flexible decoder
+        "rigid_bodies": None,
         "schedule": Schedule().as_dict(),
     }
     schedule = overrides.pop("schedule", None)
@@ -135,7 +137,7 @@ def merge_resumed(stored: dict[str, Any], requested: dict[str, Any]) -> dict[str
         merged["schedule"]["n_epochs"] = new_epochs
     if requested.get("live_every") is not None:
         merged["live_every"] = int(requested["live_every"])   # how often files are rewritten: not the model
-    for key in ("n_gaussians", "latent_dim", "regularization_factor", "seed", "validation_fraction"):
+    for key in ("n_gaussians", "latent_dim", "regularization_factor", "seed", "validation_fraction", "rigid_bodies"):
         if requested.get(key) is not None and requested[key] != stored.get(key):
             log.warning("WARNING: --%s %s differs from the checkpoint's %s; continuing with the checkpoint's "
                         "value (use a new output directory to start afresh)", key.replace("_", "-"),

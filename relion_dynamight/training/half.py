@@ -133,6 +133,8 @@ class HalfModel:
             self.encoder = Encoder(self.box, int(config["latent_dim"]), hidden=tuple(config["encoder_hidden"]),
                                    downsample=int(config["encoder_downsample"])).to(device)
             self.decoder = decoder_from_config(config, mask_weights).to(device)
+            if config.get("rigid_bodies"):
+                self.decoder.set_bodies(initial["body_masks"], initial["body_centres"])
             with torch.no_grad():  # start with small posterior noise so z carries the encoder's signal early
                 self.encoder.head.bias[int(config["latent_dim"]):] = float(config.get("encoder_logvar_init", -4.0))
         self.opt_gaussians = torch.optim.Adam(self.gaussians.parameters(), lr=float(config["lr_gaussians"]))

@@ -43,10 +43,7 @@ def decoder_forward_map(decoder: DeformationDecoder) -> ForwardMap:
     is applied through each point's source Gaussian)."""
 
     def fmap(points: Tensor, z: Tensor, source: Tensor) -> Tensor:
-        disp = decoder.net.run(decoder.net.encode_points(points), z)
-        if decoder.mask is not None:
-            disp = disp * decoder.mask.to(disp.dtype)[source][None, :, None]
-        return points + disp
+        return points + decoder.displace(points, z, source)
 
     return fmap
 

@@ -49,7 +49,50 @@ def write_outputs(output_dir: Path, table: Any, split: HalfSplit, latents: np.nd
     histories = {h: state["halves"][h].get("history") or {} for h in (1, 2)}
     paths["loss_curves"] = loss_curves(histories, folder / "loss_curves.png")
     paths["latent_scatter"] = latent_scatter(latents, split.half, split.validation, folder / "latent_space.png")
+    if config.get("rigid_bodies"):
+        paths["rigid_transforms"] = write_rigid_transforms(folder / "rigid_transforms.star", table, state, split,
+                                                           latents)
     paths["report"] = write_report(folder, None, final=True)
     for name, path in paths.items():
         log.info("Written %s: %s", name.replace("_", " "), path)
     return paths
+
+
+def rigid_transform_columns(state: dict[str, Any], halves: np.ndarray, latents: np.ndarray) -> dict[str, np.ndarray]:
+    """Per particle and body ``k`` (rigid-body mode): ``dmBody<k>RotX/Y/Z`` (axis-angle vector, degrees: its length
+    is the rotation angle, its direction the axis), ``dmBody<k>ShiftX/Y/Z`` (translation, Å) and
+    ``dmBody<k>Angle`` (degrees), from each particle's own half set's decoder."""
+    import torch
+
+    from relion_dynamight.model.decoder import decoder_from_config
+
+    config = state["config"]
+    n_bodies, pixel = len(config["rigid_bodies"]), float(config["pixel_size"])
+    omega = np.zeros((len(halves), n_bodies, 3))
+    shift = np.zeros((len(halves), n_bodies, 3))
+    for h in (1, 2):
+        rows = np.flatnonzero(halves == h)
+        decoder = decoder_from_config(config)
+        decoder.load_state_dict(state["halves"][h]["decoder"], strict=False)
+        with torch.no_grad():
+            w, t = decoder.transforms(torch.from_numpy(latents[rows]).float())
+        omega[rows], shift[rows] = w.double().numpy(), t.double().numpy()
+    columns: dict[str, np.ndarray] = {}
+    for k in range(n_bodies):
+        for i, axis in enumerate("XYZ"):
+            columns[f"dmBody{k + 1}Rot{axis}"] = np.degrees(omega[:, k, i])
+        for i, axis in enumerate("XYZ"):
+            columns[f"dmBody{k + 1}Shift{axis}"] = shift[:, k, i] * pixel
+        columns[f"dmBody{k + 1}Angle"] = np.degrees(np.linalg.norm(omega[:, k], axis=1))
+    return columns
+
+
+def write_rigid_transforms(path: Path, table: Any, state: dict[str, Any], split: HalfSplit,
+                           latents: np.ndarray) -> Path:
+    """``rigid_transforms.star``: every input column plus :func:`rigid_transform_columns` (input order)."""
+    from relion_dynamight.relion.star import write_particles
+
+    extra = {"rlnRandomSubset": split.half.astype(np.int64),
+             **rigid_transform_columns(state, split.half, latents)}
+    return write_particles(table, path, extra_columns=extra)
+
