@@ -96,6 +96,8 @@ class Results:
     rows: np.ndarray | None = None
     z: Tensor | None = None
     pca: lat.Pca | None = None
+    colourings: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)   # name → (per particle, kind)
+    gaussian_errors: np.ndarray | None = None    # half set 0: mean deformation error per Gaussian (Å)
 
 
 # -- entry point ------------------------------------------------------------------------------------
@@ -118,10 +120,25 @@ def run(job: Any, output_directory: Path, half_set: int = 1, checkpoint_file: Pa
     inputs.command = shlex.join(["relion_dynamight", *sys.argv[1:]]) if sys.argv else ""
     results = explore(inputs, options, job)
     if not no_gui and gui_possible():
-        from relion_dynamight.gui.viewer import launch
-
-        launch(inputs, results)
+        start_viewer(inputs, results)
     return results.nodes
+
+
+def start_viewer(inputs: ExploreInputs, results: Results) -> None:
+    """Open the napari viewer.  Every file is already written: a viewer that cannot start or crashes is one
+    WARNING line, and the job still succeeds with its files (Qt aborts the process when its platform plugin
+    cannot start, so that is probed in a child process first)."""
+    from relion_dynamight.gui.viewer import launch, viewer_problem
+
+    problem = viewer_problem()
+    if problem is None:
+        try:
+            launch(inputs, results)
+            return
+        except Exception as exc:  # napari/Qt raise anything; the analysis is done and must not be lost
+            problem = f"{type(exc).__name__}: {exc}"
+    log.warning("WARNING: the viewer could not start (%s); the figures, maps and subsets are in %s (open "
+                "report.html)", " ".join(problem.split())[:300], results.out_dir)
 
 
 def restrict_models(inputs: ExploreInputs, mask_file: Path) -> None:
@@ -344,6 +361,8 @@ def _latent_analysis(inputs: ExploreInputs, o: ExploreOptions, res: Results, che
         centres, labels = lat.kmeans(z, o.clusters, seed=o.seed)
         clusters = (centres, labels)
         panels.append(figs.Panel(f"k-means clusters (k={o.clusters})", _np(labels + 1), "categorical"))
+    res.colourings = {pn.title: (np.asarray(pn.values), pn.kind) for pn in panels}
+    res.colourings["particle index"] = (rows + 1.0, "continuous")
     fig_paths = [figs.scatter_panels(out_figs / "latent_pca.png", _np(emb), panels,
                                      suptitle=f"half {inputs.half_set}: latent PCA")]
     fig_paths.append(figs.explained_variance(out_figs / "pca_variance.png", _np(p.explained)))
@@ -553,6 +572,7 @@ def _error_analysis(inputs: ExploreInputs, res: Results, check: Callable[[], Non
                               "dmDeformationMotion": _np(err.particle_motion)})
     m1 = inputs.models[1]
     pos = _np(m1.positions * px)
+    res.gaussian_errors = _np(err.gaussian_mean)
     gaussians = pd.DataFrame({"dmGaussian": np.arange(1, len(pos) + 1), "dmX": pos[:, 0], "dmY": pos[:, 1],
                               "dmZ": pos[:, 2], "dmDeformationErrorMean": _np(err.gaussian_mean),
                               "dmDeformationErrorRms": _np(err.gaussian_rms),
