@@ -116,6 +116,7 @@ def translate_original(task: str, args: list[str], own: dict[str, str]) -> tuple
         if name in table:
             action, kind, text = table[name]
         else:        # the original's option of another task: RELION passes the Additional arguments to every task
+            assert elsewhere is not None
             action, kind, text = IGNORE, ORIGINAL_OPTIONS[elsewhere][name][1], f"an option of {elsewhere}"
         span = 1 if ("=" in token or kind == FLAG) else 2
         shown = " ".join(args[i:i + span])
@@ -142,7 +143,7 @@ def _option_table(group: click.Group | None, ctx: click.Context) -> dict[str, st
     """:func:`option_kinds` over every tab task."""
     table: dict[str, str] = {}
     for name in TAB_TASKS if group is not None else ():
-        command = group.get_command(ctx, name)
+        command = group.get_command(ctx, name) if group is not None else None
         table.update(option_kinds(list(getattr(command, "params", []))))
     return table
 

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _save(plt: object, fig: object, path: Path) -> Path:
+
+def _save(plt: Any, fig: Figure, path: Path) -> Path:
     """Lay out, write ``fig`` as PNG to ``path`` (creating its folder; atomically, so a figure that is rewritten
     while a job runs is never seen half written) and release it."""
     from relion_dynamight.relion.jobdir import atomic_output
 
-    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")  # type: ignore[attr-defined]
-    plt.close(fig)  # type: ignore[attr-defined]
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
     return path
 
 

@@ -46,6 +46,8 @@ class MaskedDecoder(torch.nn.Module):
     centre, (x, y, z)).  Outside the mask nothing moves, inside the motion is the decoder's, blended in the soft
     edge: the same rule as ``deformable-backprojection --mask-file``, so analysis and maps agree."""
 
+
+    mask: Tensor
     def __init__(self, decoder: Decoder, mask: Tensor) -> None:
         super().__init__()
         self.decoder = decoder
@@ -111,7 +113,7 @@ def pca(z: Tensor, k: int = 2) -> Pca:
 def umap_embedding(z: Tensor, seed: int = 0) -> Tensor | None:
     """2D UMAP embedding when the optional ``umap-learn`` package is installed, else None."""
     try:
-        import umap  # type: ignore[import-not-found]
+        import umap
     except ImportError:
         return None
     coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(z.detach().cpu().numpy())

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from relion_dynamight.errors import InputError
+from relion_dynamight.relion.star import ParticleTable
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
@@ -125,7 +126,7 @@ def inside_polygon(points: Tensor, vertices: Tensor) -> Tensor:
     return (hits.sum(dim=1) % 2) == 1
 
 
-def write_subset(table: object, rows: np.ndarray, path: Path,
+def write_subset(table: ParticleTable, rows: np.ndarray, path: Path,
                  extra_columns: dict[str, np.ndarray] | None = None) -> Path:
     """Write particle ``rows`` (indices into ``table``, a ``relion.star.ParticleTable``) to ``path``."""
     from relion_dynamight.relion.star import write_particles

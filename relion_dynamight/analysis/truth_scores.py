@@ -196,10 +196,11 @@ def score_job(project, job, consensus_halves: tuple, limit_halves: tuple, forwar
     pixel, box = phantom.pixel_size, phantom.box
     masks = region_masks(phantom, box)
     folder = job / "backprojection"
-    maps = {"consensus": tuple(_load(p) for p in consensus_halves),
-            "standard": tuple(_load(folder / f"standard_half{h}.mrc") for h in (1, 2)),
-            "improved": tuple(_load(folder / f"map_half{h}.mrc") for h in (1, 2)),
-            "limit": tuple(_load(p) for p in limit_halves)}
+    maps: dict[str, tuple[Tensor, Tensor]] = {
+        "consensus": (_load(consensus_halves[0]), _load(consensus_halves[1])),
+        "standard": (_load(folder / "standard_half1.mrc"), _load(folder / "standard_half2.mrc")),
+        "improved": (_load(folder / "map_half1.mrc"), _load(folder / "map_half2.mrc")),
+        "limit": (_load(limit_halves[0]), _load(limit_halves[1]))}
     result: dict = {"maps": {k: map_scores(v, truth, masks, pixel) for k, v in maps.items()}}
     cons, lim, imp = (result["maps"][k] for k in ("consensus", "limit", "improved"))
     result["gap_closure"] = {r: gap_closure(imp[r]["final"], cons[r]["final"], lim[r]["final"]) for r in REGIONS}

@@ -211,6 +211,7 @@ def _latent_dock(viewer: Any, state: LatentExplorer, points: Any, deformed: Any)
     canvas = FigureCanvasQTAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     emb = state.embedding
+    assert emb is not None, "the latent-space dock needs half set 1 or 2"
     scatter = ax.scatter(emb[:, 0], emb[:, 1], s=4, c="grey")
     marks = ax.scatter([], [], s=40, c="red", marker="x")
     current = ax.scatter([], [], s=80, facecolors="none", edgecolors="black")
@@ -249,7 +250,7 @@ def _latent_dock(viewer: Any, state: LatentExplorer, points: Any, deformed: Any)
         xy = np.array([event.xdata, event.ydata])
         gui = getattr(event, "guiEvent", None)   # the Qt event's own modifiers (matplotlib asks the keyboard)
         if (event.key == "shift" or "shift" in (getattr(event, "modifiers", None) or ())
-                or (gui is not None and bool(gui.modifiers() & Qt.ShiftModifier))):
+                or (gui is not None and bool(gui.modifiers() & Qt.KeyboardModifier.ShiftModifier))):
             state.add_waypoint(xy)
             marks.set_offsets(emb[state.path])
             canvas.draw_idle()

@@ -22,7 +22,7 @@ Reconstruction = ``crop(IFFT(data × inverse_weight)) / gridding``:
   (RELION 4/5's ``--skip_gridding``, ``method="floor"``).  An optional Wiener term (a number or a
   per-shell tensor, e.g. from :func:`wiener_term_from_fsc`) is added to the weight first, like
   RELION's ``--fsc`` / tau² regularisation.  The default is chosen by measurement (see
-  ``DEFAULT_METHOD`` and tests/test_backprojection.py).
+  ``DEFAULT_METHOD`` and tests/imaging/test_backprojection.py).
 * The inverse FFT of the padded grid is cropped to the central N box, the corners outside the
   inscribed sphere are softly set to their mean (RELION's ``softMaskOutsideMap``, 3-pixel cosine
   edge), and the map is divided by ``sinc²(r / P)`` (RELION's radial trilinear gridding correction).
@@ -38,7 +38,7 @@ relate to :meth:`FourierAccumulator.reconstruct`.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -90,6 +90,19 @@ def prepare_spectra(images: Tensor, shifts: Tensor, ctf: Tensor | None = None,
 # ---------------------------------------------------------------------------------------------
 # the accumulator
 # ---------------------------------------------------------------------------------------------
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class Reducer(Protocol):
+    """What a reduction over MPI ranks needs (``relion_dynamight.parallel.mpi.Comm``; imaging imports nothing of
+    ours)."""
+
+    size: int
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray: ...
+
+
 class FourierAccumulator:
     """Sums of CTF-weighted image spectra (``data``) and CTF² (``weight``) on a padded 3D grid.
 
@@ -199,14 +212,14 @@ class FourierAccumulator:
         self._changed()
         return self
 
-    def reduce_(self, comm: object) -> "FourierAccumulator":
+    def reduce_(self, comm: Reducer) -> "FourierAccumulator":
         """Sum ``data``, ``weight`` and ``count`` over MPI ranks (``parallel.mpi.Comm``), in place."""
         if getattr(comm, "size", 1) <= 1:
             return self
         import numpy as np
 
-        total = comm.allreduce_sum(self._acc.cpu().numpy())  # type: ignore[attr-defined]
-        count = comm.allreduce_sum(np.array([self.count], dtype=np.int64))  # type: ignore[attr-defined]
+        total = comm.allreduce_sum(self._acc.cpu().numpy())
+        count = comm.allreduce_sum(np.array([self.count], dtype=np.int64))
         self._acc = torch.from_numpy(np.ascontiguousarray(total)).to(self.device)
         self.count = int(count[0])
         self._changed()

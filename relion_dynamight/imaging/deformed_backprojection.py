@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from relion_dynamight.imaging.backprojection import (FourierAccumulator, Method, centred_irfft3_crop,  # noqa: F401
+from relion_dynamight.imaging.backprojection import (FourierAccumulator, Method, Reducer, centred_irfft3_crop,  # noqa: F401
                                                      inverse_weight, normalise_backprojection, wiener_key)
 from relion_dynamight.imaging.geometry import grid_points_3d
 from relion_dynamight.imaging.warp import (DEFAULT_INTERPOLATION, Interpolation, bspline_node_values,
@@ -210,13 +210,13 @@ class DeformedBackprojector:
         self.insert(spectra, weights, rotations)
         self.finish_group(positions)
 
-    def reduce_(self, comm: object) -> "DeformedBackprojector":
+    def reduce_(self, comm: Reducer) -> "DeformedBackprojector":
         """Sum the warp changes, the undeformed sums and the counts over MPI ranks (in place)."""
         if getattr(comm, "size", 1) <= 1:
             return self
-        delta = comm.allreduce_sum(self.delta.cpu().numpy())  # type: ignore[attr-defined]
+        delta = comm.allreduce_sum(self.delta.cpu().numpy())
         self.delta = torch.from_numpy(np.ascontiguousarray(delta)).to(self.device)
-        counts = comm.allreduce_sum(np.array([self.count, self.n_groups], dtype=np.int64))  # type: ignore[attr-defined]
+        counts = comm.allreduce_sum(np.array([self.count, self.n_groups], dtype=np.int64))
         self.count, self.n_groups = int(counts[0]), int(counts[1])
         self.undeformed.reduce_(comm)
         return self

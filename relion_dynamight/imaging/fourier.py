@@ -43,14 +43,16 @@ def freq_grid_2d(n: int, device: torch.device | None = None, dtype: torch.dtype 
     """``(ky, kx)`` in cycles/pixel for the rfft layout, each of shape ``(n, n//2+1)``."""
     ky = torch.fft.fftfreq(n, device=device, dtype=dtype)
     kx = torch.fft.rfftfreq(n, device=device, dtype=dtype)
-    return torch.meshgrid(ky, kx, indexing="ij")
+    grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+    return grid_y, grid_x
 
 
 def freq_grid_3d(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """``(kz, ky, kx)`` in cycles/pixel for the 3D rfft layout, each ``(n, n, n//2+1)``."""
     k = torch.fft.fftfreq(n, device=device, dtype=dtype)
     kx = torch.fft.rfftfreq(n, device=device, dtype=dtype)
-    return torch.meshgrid(k, k, kx, indexing="ij")
+    grid_z, grid_y, grid_x = torch.meshgrid(k, k, kx, indexing="ij")
+    return grid_z, grid_y, grid_x
 
 
 def shift_phase_2d(n: int, shifts: Tensor) -> Tensor:

@@ -99,7 +99,7 @@ class _BilinearSplat(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, w: Tensor, base: Tensor, s: int, size: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, u: Tensor, w: Tensor, base: Tensor, s: int, size: int) -> Tensor:
         u0 = u.floor()
         f = u - u0
         u0 = u0.long()
@@ -118,7 +118,7 @@ class _BilinearSplat(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         i00, f, w, valid = ctx.saved_tensors
         s = ctx.s
         g00, g01, g10, g11 = (grad[i00 + o] for o in (0, 1, s, s + 1))

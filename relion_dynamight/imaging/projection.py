@@ -2,7 +2,7 @@
 
 Own kernel rather than torch-fourier-slice: that library expects the transpose of RELION's matrix,
 does not pad/gridding-correct like RELION and does not band-limit the slice the same way; we need
-``relion_project`` to be reproduced to CC ≥ 0.999 (tests/test_projection.py).
+``relion_project`` to be reproduced to CC ≥ 0.999 (tests/imaging/test_projection.py).
 
 Steps (RELION's ``Projector::computeFourierTransformMap`` + ``project``):
 
@@ -18,7 +18,7 @@ Steps (RELION's ``Projector::computeFourierTransformMap`` + ``project``):
    views, i.e. up to ~2 % brighter away from the centre).
 
 Verified against ``relion_project --ctf`` (RELION 3.1.3): per-image CC ≥ 0.99999 and the same scale
-(tests/test_projection.py).
+(tests/imaging/test_projection.py).
 
 Shifts: ``shifts`` are RELION origins in pixels (``rlnOriginX/YAngst / pixel``); the returned image is
 the projection **translated by −shift** (the experimental image), then multiplied by ``ctf``.

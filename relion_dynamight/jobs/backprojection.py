@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from relion_dynamight.errors import InputError
+from relion_dynamight.imaging.warp import Interpolation
 from relion_dynamight.jobs.backprojection_memory import plan_memory
 from relion_dynamight.relion.mrc import read_soft_mask
 from relion_dynamight.training import trained as inv
@@ -70,7 +71,7 @@ def assign_groups(sizes: np.ndarray, n_ranks: int) -> list[list[int]]:
 def backproject_groups(data: Any, rows: np.ndarray, labels: np.ndarray,
                        field: Callable[[int], Tensor | None], box: int, device: torch.device,
                        batch_size: int = 64, comm: Any = None, check_abort: Callable[[], None] = lambda: None,
-                       ctf: bool = True, interpolation: str = "cubic") -> Any:
+                       ctf: bool = True, interpolation: Interpolation = "cubic") -> Any:
     """Deformed backprojection of particles ``rows`` of ``data`` (a ``ParticleData``) grouped by ``labels``.
 
     ``field(g)`` gives group ``g``'s dense position field ``(box, box, box, 3)`` (or None = identity).
@@ -119,7 +120,7 @@ def group_half(net: Any, centres: Tensor, latents: Tensor, tolerance: float,
 def run(job: Any, output_directory: Path, batch_size: int = 10, checkpoint_file: Path | None = None,
         preload_images: bool = False, gpu_id: str = "", group_resolution: float = DEFAULT_GROUP_RESOLUTION,
         field_spacing: float = DEFAULT_FIELD_SPACING, map_frame: str = "initial",
-        interpolation: str = "cubic", max_groups: int = DEFAULT_MAX_GROUPS,
+        interpolation: Interpolation = "cubic", max_groups: int = DEFAULT_MAX_GROUPS,
         regional_choice: bool = True, mask_file: Path | None = None) -> list[tuple[str, str]]:
     """Compute and write the improved half maps; returns their output nodes.
 

@@ -222,10 +222,11 @@ def load_inputs(job_dir: Path, half_set: int, checkpoint_file: Path | None, gpu_
     if checkpoint_file is not None:
         state = ckpt.load_checkpoint(Path(checkpoint_file), device)
     else:
-        state = ckpt.load_latest(job_dir, device)
-        if state is None:
+        latest = ckpt.load_latest(job_dir, device)
+        if latest is None:
             raise InputError(f"{job_dir}: no training checkpoint in {ckpt.checkpoint_dir(job_dir)}; run "
                              f"'relion_dynamight optimize-deformations --output-directory {job_dir} ...' first")
+        state = latest
     latent_path = job_dir / LATENT_STAR
     if not latent_path.is_file():
         raise InputError(f"{latent_path} not found: optimize-deformations writes it when training ends; run it "
@@ -445,6 +446,7 @@ def _cluster_outputs(inputs: ExploreInputs, model: lat.DeformableModel, clusters
     for k in range(len(centres)):
         path = write_map(res.out_dir / "maps" / f"cluster_{k + 1:02d}.mrc", _np(maps[k]), inputs.pixel_size)
         files.append((path, f"deformed model at the centre of cluster {k + 1}"))
+        assert res.rows is not None
         members = res.rows[_np(labels == k).astype(bool)]
         node = _write_subset_node(inputs, res, f"half{inputs.half_set}_cluster{k + 1:02d}", members)
         rows_out.append([k + 1, len(members), node or "(empty)"])
@@ -468,7 +470,7 @@ def parse_points(path: Path, latent_dim: int) -> list[list[float]]:
     """Latent points file: one point per line, ``L`` numbers (latent coordinates) or 2 numbers (PCA-plane
     coordinates PC1 PC2, as in ``embedding.csv``; read as latent coordinates when L = 2).  ``#`` comments and
     blank lines are ignored; all lines must be of one kind."""
-    points = []
+    points: list[list[float]] = []
     for number, raw in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -501,7 +503,8 @@ def _point_maps(inputs: ExploreInputs, o: ExploreOptions, res: Results) -> None:
     if o.latent_points is None:
         return
     model = inputs.models[inputs.half_set]
-    pts = read_points(o.latent_points, res.z.shape[1], res.pca).to(model.device)  # type: ignore[union-attr]
+    z, p = _latent_results(res)
+    pts = read_points(o.latent_points, z.shape[1], p).to(model.device)
     maps = lat.deformed_maps(model, pts, inputs.box)
     files = [(write_map(res.out_dir / "maps" / f"point_{k + 1:03d}.mrc", _np(m), inputs.pixel_size),
               f"point {k + 1}") for k, m in enumerate(maps)]
@@ -509,12 +512,13 @@ def _point_maps(inputs: ExploreInputs, o: ExploreOptions, res: Results) -> None:
 
 
 def _movies(inputs: ExploreInputs, o: ExploreOptions, res: Results, check: Callable[[], None]) -> None:
-    model, p = inputs.models[inputs.half_set], res.pca
+    model = inputs.models[inputs.half_set]
+    z, p = _latent_results(res)
     paths: list[tuple[str, Tensor]] = []
-    for k in range(min(o.movie_pcs, int((p.std > 0).sum()))):  # type: ignore[union-attr]
-        paths.append((f"pc{k + 1}", lat.pc_path(p, k, o.n_frames)))  # type: ignore[arg-type]
+    for k in range(min(o.movie_pcs, int((p.std > 0).sum()))):
+        paths.append((f"pc{k + 1}", lat.pc_path(p, k, o.n_frames)))
     if o.movie_path is not None:
-        waypoints = read_points(o.movie_path, res.z.shape[1], p).to(model.device)  # type: ignore[union-attr]
+        waypoints = read_points(o.movie_path, z.shape[1], p).to(model.device)
         paths.append(("path", lat.interpolate_path(waypoints, o.n_frames)))
     figures, files = [], []
     for name, points in paths:
@@ -535,18 +539,26 @@ def _movies(inputs: ExploreInputs, o: ExploreOptions, res: Results, check: Calla
                                     figures=figures, files=files))
 
 
+def _latent_results(res: Results) -> tuple[Tensor, lat.Pca]:
+    """``(z, pca)`` of a finished latent analysis (half set 1 or 2)."""
+    assert res.z is not None and res.pca is not None, "the latent analysis runs first"
+    return res.z, res.pca
+
+
 def _subsets(inputs: ExploreInputs, o: ExploreOptions, res: Results) -> None:
     rows_out = []
-    z, emb = res.z, res.pca.transform(res.z)  # type: ignore[union-attr]
+    z, p = _latent_results(res)
+    emb, rows = p.transform(z), res.rows
+    assert rows is not None
     for i, spec in enumerate(o.axis_ranges, start=1):
-        conditions = sub.parse_axis_ranges(spec, z.shape[1], emb.shape[1])  # type: ignore[union-attr]
-        keep = _np(sub.select_ranges(conditions, z, emb)).astype(bool)  # type: ignore[arg-type]
-        node = _write_subset_node(inputs, res, f"half{inputs.half_set}_range{i}", res.rows[keep])  # type: ignore[index]
+        conditions = sub.parse_axis_ranges(spec, z.shape[1], emb.shape[1])
+        keep = _np(sub.select_ranges(conditions, z, emb)).astype(bool)
+        node = _write_subset_node(inputs, res, f"half{inputs.half_set}_range{i}", rows[keep])
         rows_out.append([f"--axis-range {spec}", int(keep.sum()), node or "(empty)"])
     for i, poly in enumerate(o.polygons, start=1):
         vertices = sub.read_polygon(poly)
         keep = _np(sub.inside_polygon(emb[:, :2], vertices)).astype(bool)
-        node = _write_subset_node(inputs, res, f"half{inputs.half_set}_polygon{i}", res.rows[keep])  # type: ignore[index]
+        node = _write_subset_node(inputs, res, f"half{inputs.half_set}_polygon{i}", rows[keep])
         rows_out.append([f"--polygon {poly}", int(keep.sum()), node or "(empty)"])
     if rows_out:
         res.sections.append(Section("Selected subsets", tables=[("Subsets", ["selection", "particles", "STAR file"],

@@ -112,7 +112,8 @@ def run(job: Any, refinement_star_file: Path, output_directory: Path | None, ini
         log.info("Final checkpoint: %s", final)
         from relion_dynamight.training.outputs import write_outputs
 
-        written = write_outputs(out, data.table, split, latents, final, config)  # type: ignore[arg-type]
+        assert latents is not None and final is not None     # rank 0 gathers both
+        written = write_outputs(out, data.table, split, latents, final, config)
         job.outputs_to_check += [written["latent_space"], written["consensus_half1"], written["consensus_half2"]]
     return []
 

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,12 @@ from relion_dynamight.imaging.fourier import resolution_at
 from relion_dynamight.logs import progress
 from relion_dynamight.parallel.mpi import Comm, split_range, world
 
+if TYPE_CHECKING:  # annotations only: the heavy readers are imported where they are used
+    import pandas as pd
+
+    from relion_dynamight.relion.jobdir import Job
+    from relion_dynamight.relion.particles import ParticleBatch, ParticleData
+
 log = logging.getLogger("relion_dynamight")
 
 MAP_LABEL = "DensityMap.mrc"
@@ -39,7 +45,7 @@ HALFMAP_LABEL = "DensityMap.mrc.relion.halfmap.reconstruct"
 # ---------------------------------------------------------------------------------------------
 # pure functions
 # ---------------------------------------------------------------------------------------------
-def accumulate(data: "ParticleData", groups: Sequence[np.ndarray], ctf: bool = True,  # noqa: F821
+def accumulate(data: ParticleData, groups: Sequence[np.ndarray], ctf: bool = True,
                max_radius_px: float | None = None, batch_size: int = 256,
                device: torch.device | str = "cpu", comm: Comm | None = None,
                check_abort: Callable[[], None] | None = None) -> list[FourierAccumulator]:
@@ -55,7 +61,7 @@ def accumulate(data: "ParticleData", groups: Sequence[np.ndarray], ctf: bool = T
     shares = [np.asarray(g, dtype=np.int64)[list(split_range(len(g), comm.rank, comm.size))] for g in groups]
     total = sum(math.ceil(len(s) / batch_size) for s in shares)
 
-    def batches() -> Iterable[tuple[FourierAccumulator, object]]:
+    def batches() -> Iterable[tuple[FourierAccumulator, ParticleBatch]]:
         for acc, share in zip(accs, shares):
             for batch in data.iter_batches(share, batch_size):
                 yield acc, batch
@@ -74,7 +80,7 @@ def accumulate(data: "ParticleData", groups: Sequence[np.ndarray], ctf: bool = T
     return accs
 
 
-def reconstruct_particles(data: "ParticleData", indices: Sequence[int] | np.ndarray, ctf: bool = True,  # noqa: F821
+def reconstruct_particles(data: ParticleData, indices: Sequence[int] | np.ndarray, ctf: bool = True,
                           max_radius_px: float | None = None, batch_size: int = 256,
                           device: torch.device | str = "cpu", comm: Comm | None = None,
                           check_abort: Callable[[], None] | None = None) -> tuple[Tensor, FourierAccumulator]:
@@ -88,7 +94,7 @@ def reconstruct_particles(data: "ParticleData", indices: Sequence[int] | np.ndar
     return acc.reconstruct(), acc
 
 
-def fsc_table(curve: Tensor, box: int, pixel_size: float) -> "pd.DataFrame":  # noqa: F821
+def fsc_table(curve: Tensor, box: int, pixel_size: float) -> "pd.DataFrame":
     """RELION-style ``fsc`` table: rlnSpectralIndex, rlnResolution (1/Å), rlnAngstromResolution, FSC."""
     import pandas as pd
 
@@ -102,7 +108,7 @@ def fsc_table(curve: Tensor, box: int, pixel_size: float) -> "pd.DataFrame":  # 
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
-def run(job: "Job", star: Path, output: Path, subset: int | None = None, ctf: bool = False,  # noqa: F821
+def run(job: Job, star: Path, output: Path, subset: int | None = None, ctf: bool = False,
         maxres: float | None = None, halves: bool = False, threads: int = 1, batch_size: int = 256,
         **_: object) -> list[tuple[str, str]]:
     """Reconstruct ``star`` into ``output`` (see module docstring); returns the output nodes."""
@@ -153,7 +159,7 @@ def _check_options(star: Path, output: Path, subset: int | None, halves: bool, m
         raise InputError(f"--o {output}: would overwrite the input STAR file; choose another output name")
 
 
-def _check_not_input(output: Path, star: Path, data: "ParticleData") -> None:  # noqa: F821
+def _check_not_input(output: Path, star: Path, data: ParticleData) -> None:
     outputs = [output, *(_half_paths(output))]
     stacks = [Path(p) for p in getattr(data.images, "_paths", [])]
     for out in outputs:
@@ -176,7 +182,7 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _select(data: "ParticleData", star: Path, subset: int | None,  # noqa: F821
+def _select(data: ParticleData, star: Path, subset: int | None,
             halves: bool) -> tuple[list[np.ndarray], list[str]]:
     """Particle rows per accumulator, and the accumulators' names."""
     n = len(data)
@@ -234,7 +240,7 @@ def _write_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, output: Pa
     return [(str(half1_path), HALFMAP_LABEL)]
 
 
-def _write_fsc_star(path: Path, table: "pd.DataFrame") -> None:  # noqa: F821
+def _write_fsc_star(path: Path, table: "pd.DataFrame") -> None:
     import starfile
 
     from relion_dynamight.relion.jobdir import atomic_write_text
@@ -246,7 +252,7 @@ def _write_fsc_star(path: Path, table: "pd.DataFrame") -> None:  # noqa: F821
     atomic_write_text(path, f"\n# version 30001\n\n{body.strip()}\n\n")
 
 
-def _plot_fsc(path: Path, table: "pd.DataFrame", res: float) -> None:  # noqa: F821
+def _plot_fsc(path: Path, table: "pd.DataFrame", res: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,11 +7,14 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from relion_dynamight.errors import BadOutput, InputError, JobAborted
 from relion_dynamight.logs import setup_logging
 from relion_dynamight.relion.jobdir import Job
+
+if TYPE_CHECKING:  # the launcher imports this module in its error path: stdlib and jobdir only at run time
+    from relion_dynamight.parallel.mpi import Comm
 
 log = logging.getLogger("relion_dynamight")
 
@@ -84,8 +87,8 @@ def os_error_message(exc: OSError) -> str:
     return " ".join(f"{where}{reason} ({type(exc).__name__}); {hint}".split())
 
 
-def _fail(job: Job, comm: "object") -> int:
+def _fail(job: Job, comm: Comm) -> int:
     # Any rank may write FAILURE here: a failing rank other than 0 must not leave the job "Running".
     Job(job.job_dir, writer=True).fail()
-    comm.abort_all_if_parallel(1)  # type: ignore[attr-defined]
+    comm.abort_all_if_parallel(1)
     return 1

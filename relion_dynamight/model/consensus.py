@@ -51,6 +51,8 @@ class GaussianParams:
 class GaussianModel(nn.Module):
     """Learnable Gaussian model: ``positions`` (M, 3) px, ``log_amplitude``, ``log_width`` parameters."""
 
+
+    relative_amplitudes: Tensor | None
     def __init__(
         self,
         positions: Tensor,
@@ -266,7 +268,7 @@ def _fit_exact(model: GaussianModel, vol: Tensor, scale: float, n_steps: int, op
         rendered = model.render(box)
         gain = float((rendered * vol).sum() / (rendered * rendered).sum().clamp_min(1e-30))
         if gain > 0:
-            model.log_amplitude += math.log(gain)
+            model.log_amplitude.add_(math.log(gain))
     opt = torch.optim.Adam(opt_groups)
     for _ in range(n_steps):
         opt.zero_grad()
@@ -296,7 +298,7 @@ def _fit_splat(model: GaussianModel, vol: Tensor, scale: float, n_steps: int, op
                 m = target.model_spectrum(model, grid[1])
                 gain = float(target.dot(m, target.spectrum) / target.dot(m, m).clamp_min(1e-30))
                 if gain > 0:
-                    model.log_amplitude += math.log(gain)
+                    model.log_amplitude.add_(math.log(gain))
         if step == n_steps:
             break
         opt.zero_grad()

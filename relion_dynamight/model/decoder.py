@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from relion_dynamight.model.rigid import RigidBodyDecoder
+
 
 def positional_encoding(points: Tensor, n_freqs: int = 10) -> Tensor:
     """NeRF encoding of points ``(..., 3)`` in ``[-0.5, 0.5]`` → ``(..., 3 * 2 * n_freqs)``.
@@ -80,6 +82,8 @@ class DeformationDecoder(nn.Module):
             (deformation only inside the user's mask, see ``regularizers.mask_to_gaussian_weights``).
     """
 
+
+    mask: Tensor | None
     def __init__(
         self,
         latent_dim: int,
@@ -141,14 +145,12 @@ class InverseDecoder(nn.Module):
         return out.expand(z.shape[0], -1, -1) if out.shape[0] != z.shape[0] else out
 
 
-def decoder_from_config(config: Mapping[str, Any], mask: Tensor | None = None) -> nn.Module:
+def decoder_from_config(config: Mapping[str, Any], mask: Tensor | None = None) -> DeformationDecoder | RigidBodyDecoder:
     """The decoder that a training configuration (:func:`relion_dynamight.training.config.default_config`) describes:
     ``latent_dim``, ``box``, ``decoder_freqs``, ``decoder_hidden``, ``decoder_layers``; untrained weights.  With
     ``rigid_bodies`` (the body mask files) a :class:`~relion_dynamight.model.rigid.RigidBodyDecoder` whose masks
     are filled by ``set_bodies`` or by loading a checkpoint's state."""
     if config.get("rigid_bodies"):
-        from relion_dynamight.model.rigid import RigidBodyDecoder
-
         return RigidBodyDecoder(int(config["latent_dim"]), int(config["box"]), len(config["rigid_bodies"]))
     return DeformationDecoder(int(config["latent_dim"]), int(config["box"]), n_freqs=int(config["decoder_freqs"]),
                               hidden=int(config["decoder_hidden"]), n_layers=int(config["decoder_layers"]), mask=mask)

@@ -35,6 +35,8 @@ class Encoder(nn.Module):
     ``forward(images (B, N, N)) -> (mu (B, L), logvar (B, L))``.
     """
 
+
+    mask: Tensor
     def __init__(self, box: int, latent_dim: int = 6, hidden: tuple = (256, 128), downsample: int = 2) -> None:
         super().__init__()
         if downsample < 1 or box // downsample < 2:

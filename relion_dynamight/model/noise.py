@@ -27,6 +27,10 @@ class NoiseSpectrum(nn.Module):
     ``1 / σ²`` per rfft coefficient, 0 beyond Nyquist.
     """
 
+
+    power_sum: Tensor
+    count: Tensor
+    estimate: Tensor
     def __init__(self, box: int) -> None:
         super().__init__()
         self.box = int(box)

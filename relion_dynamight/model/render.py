@@ -135,7 +135,7 @@ class _KernelLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: Tensor, width: Tensor, k2: Tensor, inv_tent: Tensor, target: Tensor,
-                weights: Tensor) -> Tensor:  # type: ignore[override]
+                weights: Tensor) -> Tensor:
         kernel = _kernel(width.detach(), k2, inv_tent)[..., None]  # complex × real as real pairs: no copies
         spec_ri = torch.view_as_real(spec)
         diff = (spec_ri * kernel).sub_(torch.view_as_real(target))
@@ -145,7 +145,7 @@ class _KernelLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         spec_ri, width, k2, kernel, diff, weights = ctx.saved_tensors
         g = diff.mul_((weights * (2.0 * grad))[..., None])  # reuses diff's storage: backward runs once
         grad_spec = torch.view_as_complex(g * kernel)

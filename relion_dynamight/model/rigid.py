@@ -81,6 +81,9 @@ class RigidBodyDecoder(nn.Module):
     at the identity, as the flexible decoder does.
     """
 
+
+    masks: Tensor
+    centres: Tensor
     def __init__(self, latent_dim: int, box: int, n_bodies: int, hidden: int = 64, n_layers: int = 3,
                  grid: int | None = None) -> None:
         super().__init__()

@@ -108,18 +108,19 @@ def translate(command_name: str, command: Any, ext: ExternalArgs) -> list[str]:
     params = list(ext.params)
     if spec.positional_job:
         job = [v for k, v in params if k.replace("-", "_") == "dynamight_job"]
-        if not job or not job[0]:
+        directory = job[0] if job else None
+        if not directory:
             raise InputError(f"{command_name} as an External job needs the parameter 'dynamight_job' "
                              "(the DynaMight/jobNNN/ directory of the training run)")
-        argv.append(job[0])
+        argv.append(directory)
         params = [(k, v) for k, v in params if k.replace("-", "_") != "dynamight_job"]
     if spec.output:
         argv += [spec.output, str(ext.job_dir / spec.output_file) if spec.output_file else str(ext.job_dir)]
-    for relion_flag, value in ext.inputs.items():
+    for relion_flag, path in ext.inputs.items():
         if relion_flag not in spec.inputs:
             raise InputError(f"{command_name} takes no {relion_flag} input; leave that field of the External "
                              "job empty")
-        argv += [spec.inputs[relion_flag], value]
+        argv += [spec.inputs[relion_flag], path]
     if spec.threads and ext.threads:
         argv += [spec.threads, ext.threads]
     for label, value in params:

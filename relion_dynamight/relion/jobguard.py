@@ -140,8 +140,8 @@ def read_lock(job_dir: Path) -> dict | None:
 
 def is_mine(lock: dict | None, pid: int | None = None) -> bool:
     pid = os.getpid() if pid is None else pid
-    return bool(lock) and lock.get("host") == socket.gethostname() and lock.get("pid") == pid and \
-        lock.get("ticks") == start_ticks(pid)
+    return lock is not None and bool(lock) and lock.get("host") == socket.gethostname() and \
+        lock.get("pid") == pid and lock.get("ticks") == start_ticks(pid)
 
 
 def acquire(job_dir: Path, command: str, wait: float = FINISHING_WAIT) -> str | None:

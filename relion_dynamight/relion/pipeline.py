@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from relion_dynamight.errors import InputError
 
@@ -297,7 +297,7 @@ def _quote(value: str) -> str:
     return value
 
 
-def _table(version_line: str, block: str, labels: list[str], rows: list[tuple[str, ...]]) -> list[str]:
+def _table(version_line: str, block: str, labels: list[str], rows: Sequence[tuple[str, ...]]) -> list[str]:
     out = ["", version_line, "", f"data_{block}", "", "loop_"]
     out += [f"_{label} #{i}" for i, label in enumerate(labels, start=1)]
     out += [" ".join(_quote(v) for v in row) for row in rows]
@@ -322,7 +322,7 @@ def format_pipeline(pipe: Pipeline) -> str:
         labels = ["rlnPipeLineNodeName", "rlnPipeLineNodeType" if legacy else "rlnPipeLineNodeTypeLabel"]
         if pipe.version == "5":
             labels.append("rlnPipeLineNodeTypeLabelDepth")
-            rows = [(n.name, n.type, n.depth) for n in pipe.nodes]
+            rows: list[tuple[str, ...]] = [(n.name, n.type, n.depth) for n in pipe.nodes]
         else:
             rows = [(n.name, n.type) for n in pipe.nodes]
         out += _table(vline, "pipeline_nodes", labels, rows)

@@ -233,7 +233,7 @@ def dynamight_scheme(name: str = "dynamight") -> tuple[Scheme, dict[str, tuple[s
 
 
 def external_job_options(command: str, params: list[tuple[str, str]], in_part: str = "", in_3dref: str = "",
-                         in_mask: str = "", nr_threads: int = 1) -> dict[str, str]:
+                         in_mask: str = "", nr_threads: int | str = 1) -> dict[str, str]:
     """Options of an External job running ``relion_dynamight external COMMAND`` with up to 10 params."""
     if len(params) > 10:
         raise ValueError("RELION's External job has at most 10 parameters")

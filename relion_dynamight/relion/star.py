@@ -158,6 +158,7 @@ class ParticleTable:
     def _optics_row_index(self) -> np.ndarray:
         """Row number in ``optics`` of each particle's optics group, ``(n,)`` (cached)."""
         if self._optics_rows is None:
+            assert self.optics is not None, "only STAR files with an optics table have optics rows"
             groups = numeric_column(self.optics["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
             if "rlnOpticsGroup" in self.particles:
                 pg = numeric_column(self.particles["rlnOpticsGroup"], self.path, "rlnOpticsGroup").astype(np.int64)
@@ -187,7 +188,7 @@ class ParticleTable:
         if default is None:
             raise InputError(f"{self.path}: column _{name} is missing (particles and optics tables); "
                              "add it to the STAR file")
-        n = len(self.particles) if indices is None else len(rows)
+        n = len(self.particles) if indices is None else len(indices)
         return np.full(n, default, dtype=np.float64)
 
     # -- derived arrays ------------------------------------------------------------------------
@@ -313,11 +314,12 @@ def _validate(table: ParticleTable) -> None:
     if optics is not None:
         _validate_optics(table)
     for col in REQUIRED_COLUMNS[1:]:
-        values = pd.to_numeric(table.particles[col] if col in particles else optics[col], errors="coerce")
+        source = table.particles if col in particles or optics is None else optics
+        values = pd.to_numeric(source[col], errors="coerce")
         bad = np.flatnonzero(~np.isfinite(values.to_numpy(dtype=np.float64)))
         if bad.size:
             row = int(bad[0])
-            raw = (table.particles[col] if col in particles else optics[col]).iloc[row]
+            raw = source[col].iloc[row]
             where = (f"particle {row + 1} ({particles['rlnImageName'].iloc[row]})" if col in particles
                      else f"optics group row {row + 1}")
             raise InputError(f"{path}: _{col} is {raw!r} for {where} ({bad.size} such value(s)), not a finite "
@@ -330,6 +332,7 @@ def _validate(table: ParticleTable) -> None:
 
 def _validate_optics(table: ParticleTable) -> None:
     path, optics, particles = table.path, table.optics, table.particles
+    assert optics is not None
     if len(optics) == 0 or "rlnOpticsGroup" not in optics:
         raise InputError(f"{path}: data_optics has no _rlnOpticsGroup rows; repair the optics table")
     if "rlnOpticsGroup" not in particles and len(optics) > 1:

@@ -213,13 +213,19 @@ def load_checkpoint(path: Path, device: torch.device | str | None = None,
     return state
 
 
+def _epoch_of(path: Path) -> int | None:
+    """NNN of ``checkpoint_NNN.h5``; None for other names."""
+    match = _EPOCH_RE.search(path.name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoint files of a job, newest first: ``checkpoint_final.h5`` then by decreasing epoch."""
     folder = checkpoint_dir(output_dir)
     if not folder.is_dir():
         return []
-    numbered = sorted((p for p in folder.glob("checkpoint_*.h5") if _EPOCH_RE.search(p.name)),
-                      key=lambda p: int(_EPOCH_RE.search(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+    numbered = sorted((p for p in folder.glob("checkpoint_*.h5") if _epoch_of(p) is not None),
+                      key=lambda p: _epoch_of(p) or 0, reverse=True)
     final = final_path(output_dir)
     return ([final] if final.is_file() else []) + numbered
 
@@ -253,7 +259,7 @@ def prune(output_dir: Path, keep: int = 3, every: int = 10, best_epoch: int | No
     ``checkpoint_NNN.h5`` (epochs done, zero-padded: ``ls`` lists them in order)."""
     numbered = [p for p in list_checkpoints(output_dir) if p.name != "checkpoint_final.h5"]
     for old in numbered[keep:]:
-        epoch = int(_EPOCH_RE.search(old.name).group(1))  # type: ignore[union-attr]
+        epoch = _epoch_of(old) or 0
         if (every > 0 and epoch % every == 0) or epoch == best_epoch:
             continue
         old.unlink(missing_ok=True)

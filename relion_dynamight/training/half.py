@@ -32,6 +32,7 @@ from relion_dynamight.imaging.gaussians import project_gaussians
 from relion_dynamight.model.consensus import GaussianModel, GaussianParams
 from relion_dynamight.training.reference_frame import closest_to_initial
 from relion_dynamight.model.decoder import decoder_from_config
+from relion_dynamight.model.rigid import RigidBodyDecoder
 from relion_dynamight.model.encoder import Encoder
 from relion_dynamight.model.losses import data_loss, gradient_ratio_lambda, kl_loss
 from relion_dynamight.model.noise import NoiseSpectrum
@@ -133,7 +134,7 @@ class HalfModel:
             self.encoder = Encoder(self.box, int(config["latent_dim"]), hidden=tuple(config["encoder_hidden"]),
                                    downsample=int(config["encoder_downsample"])).to(device)
             self.decoder = decoder_from_config(config, mask_weights).to(device)
-            if config.get("rigid_bodies"):
+            if isinstance(self.decoder, RigidBodyDecoder):
                 self.decoder.set_bodies(initial["body_masks"], initial["body_centres"])
             with torch.no_grad():  # start with small posterior noise so z carries the encoder's signal early
                 self.encoder.head.bias[int(config["latent_dim"]):] = float(config.get("encoder_logvar_init", -4.0))
@@ -247,7 +248,8 @@ class HalfModel:
                                  shifts=batch.shifts.float(), ctf=ctf)
 
     def geometric_loss(self, deformed: Tensor) -> Tensor:
-        edges, rest, c_mean = self._graph  # type: ignore[misc]
+        assert self._graph is not None, "train_epoch builds the neighbour graph first"
+        edges, rest, c_mean = self._graph
         loss = edge_length_loss(deformed, edges, rest)
         if self.fixed_edges is None:
             loss = loss + repulsion_loss(deformed, edges, float(self.config["repulsion_fraction"]) * c_mean)
@@ -323,7 +325,7 @@ class HalfModel:
                 self.lam = min(lam, float(cap)) if cap else lam
             loss = data + ramp * (float(self.config["beta"]) * kl_penalty + self.lam * geo)
             terms = {"data": float(data.detach()), "kl": float(kl.detach()), "geo": float(geo.detach())}
-            optimisers = (self.opt_gaussians, self.opt_networks)
+            optimisers: tuple[torch.optim.Optimizer, ...] = (self.opt_gaussians, self.opt_networks)
         else:
             data = data_loss(self.predict(batch, positions), observed, weights).mean()
             loss = data
@@ -348,7 +350,7 @@ class HalfModel:
         parts = bad_terms + ([f"parameters {', '.join(bad_params[:3])} are NaN/Inf"] if bad_params else [])
         return f"half {self.half}: the loss became {float(loss)} ({'; '.join(parts) or 'the sum overflowed'})"
 
-    def _named_parameters(self) -> list[tuple[str, Tensor]]:
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return ([(f"gaussians.{n}", p) for n, p in self.gaussians.named_parameters()]
                 + [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters()]
                 + [(f"decoder.{n}", p) for n, p in self.decoder.named_parameters()])
@@ -395,7 +397,8 @@ class HalfModel:
             self.noise.update(residual)
             total += float((residual.abs() ** 2).mean(dim=(-2, -1)).sum())
             count += len(batch)
-        self.val_latents = torch.cat(means).numpy() if means else np.zeros((0, int(self.config["latent_dim"])))
+        self.val_latents = (torch.cat(means).numpy() if means
+                            else np.zeros((0, int(self.config["latent_dim"])), dtype=np.float32))
         return total / max(count, 1)
 
     @torch.no_grad()

@@ -51,7 +51,7 @@ def _half_rng(seed: int, half: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(half), int(purpose)])
 
 
-def split_by_groups(groups: Sequence[Any], seed: int) -> np.ndarray:
+def split_by_groups(groups: Sequence[Any] | np.ndarray, seed: int) -> np.ndarray:
     """Assign whole groups (micrographs) alternately to halves 1/2 in a seeded random order.
 
     Groups are ordered by name first, so the result does not depend on the particle order.

@@ -65,6 +65,7 @@ def rigid_transform_columns(state: dict[str, Any], halves: np.ndarray, latents: 
     import torch
 
     from relion_dynamight.model.decoder import decoder_from_config
+    from relion_dynamight.model.rigid import RigidBodyDecoder
 
     config = state["config"]
     n_bodies, pixel = len(config["rigid_bodies"]), float(config["pixel_size"])
@@ -73,6 +74,7 @@ def rigid_transform_columns(state: dict[str, Any], halves: np.ndarray, latents: 
     for h in (1, 2):
         rows = np.flatnonzero(halves == h)
         decoder = decoder_from_config(config)
+        assert isinstance(decoder, RigidBodyDecoder)
         decoder.load_state_dict(state["halves"][h]["decoder"], strict=False)
         with torch.no_grad():
             w, t = decoder.transforms(torch.from_numpy(latents[rows]).float())
