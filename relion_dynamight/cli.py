@@ -254,6 +254,9 @@ def deformable_backprojection(pipeline_control: Path | None, **options: Any) -> 
 @click.option("--refinement-star-file", type=click.Path(path_type=Path), default=None,
               help="Particles STAR file of the training (default: the one recorded in the checkpoint).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means and UMAP.")
+@click.option("--rigid-body-masks", default=None,
+              help="Comma-separated body masks: each particle's best rigid motion of every body, and how far from "
+                   "rigid the learned motion is, in explore/half<H>/rigid_transforms.star.")
 @click.option("--mask-file", type=click.Path(path_type=Path), default=None,
               help="Soft mask (MRC, values 0-1, the consensus map's box): analyse, map and film the motion only "
                    "inside it (outside, nothing moves), as deformable-backprojection --mask-file.")

@@ -69,6 +69,7 @@ class ExploreOptions:
     movie_path: Path | None = None
     n_frames: int = 10
     seed: int = 0
+    rigid_body_masks: Sequence[Path] = ()
 
 
 @dataclass
@@ -105,16 +106,23 @@ def run(job: Any, output_directory: Path, half_set: int = 1, checkpoint_file: Pa
         no_gui: bool = False, gpu_id: str = "", latent_points: Path | None = None, clusters: int | None = None,
         axis_range: Sequence[str] = (), polygon: Sequence[Path] = (), movie_pcs: int = 2,
         movie_path: Path | None = None, n_frames: int = 10, refinement_star_file: Path | None = None,
-        seed: int = 0, mask_file: Path | None = None, **_: Any) -> list[tuple[str, str]]:
+        seed: int = 0, mask_file: Path | None = None, rigid_body_masks: str | None = None,
+        **_: Any) -> list[tuple[str, str]]:
     """Run the analysis for ``--half-set`` 0, 1 or 2 and return the subset STAR output nodes."""
     if half_set not in (0, 1, 2):
         raise InputError(f"--half-set {half_set}: use 1 or 2 (that half's particles) or 0 (validation particles, "
                          "error estimates)")
     options = ExploreOptions(latent_points=latent_points, clusters=clusters, axis_ranges=tuple(axis_range),
                              polygons=tuple(polygon), movie_pcs=movie_pcs, movie_path=movie_path,
-                             n_frames=n_frames, seed=seed)
+                             n_frames=n_frames, seed=seed,
+                             rigid_body_masks=tuple(Path(p.strip()) for p in (rigid_body_masks or "").split(",")
+                                                    if p.strip()))
     _check_options(options)
     inputs = load_inputs(Path(output_directory), half_set, checkpoint_file, gpu_id, refinement_star_file)
+    if options.rigid_body_masks:
+        from relion_dynamight.model.rigid import read_body_masks
+
+        read_body_masks(options.rigid_body_masks, inputs.box)      # checked before the analysis
     if mask_file is not None:
         restrict_models(inputs, Path(mask_file))
     inputs.command = shlex.join(["relion_dynamight", *sys.argv[1:]]) if sys.argv else ""
@@ -300,6 +308,8 @@ def explore(inputs: ExploreInputs, options: ExploreOptions, job: Any = None) -> 
         _error_analysis(inputs, res, check)
     else:
         _latent_analysis(inputs, options, res, check)
+        if options.rigid_body_masks:
+            _rigid_bodies(inputs, options, res, check)
         _point_maps(inputs, options, res)
         _movies(inputs, options, res, check)
         _subsets(inputs, options, res)
@@ -537,6 +547,52 @@ def _movies(inputs: ExploreInputs, o: ExploreOptions, res: Results, check: Calla
         res.sections.append(Section("Movies", text=("Along principal components from -2σ to +2σ, and along "
                                                     "the given path; GIFs show projections along z."),
                                     figures=figures, files=files))
+
+
+def _rigid_bodies(inputs: ExploreInputs, o: ExploreOptions, res: Results, check: Callable[[], None]) -> None:
+    """``--rigid-body-masks``: each particle's best rigid motion of every body (:mod:`..analysis.rigid_fit`) in
+    ``rigid_transforms.star``, with how far from rigid the learned motion is."""
+    from relion_dynamight.analysis.rigid_fit import RigidFit, rigid_fit
+    from relion_dynamight.model.rigid import lookup, read_body_masks
+
+    model = inputs.models[inputs.half_set]
+    z, _ = _latent_results(res)
+    masks, centres = read_body_masks(o.rigid_body_masks, inputs.box)
+    masks, centres = masks.to(model.device), centres.to(model.device, model.positions.dtype)
+    weights = lookup(masks, model.positions, inputs.box).clamp(0.0, 1.0).to(model.positions.dtype)
+    for path, w in zip(o.rigid_body_masks, weights):
+        if float(w.sum()) < 3.0:
+            raise InputError(f"--rigid-body-masks {path}: fewer than 3 Gaussians of the model lie inside; give a "
+                             "mask around a domain of the consensus map")
+    parts = []
+    for start in range(0, z.shape[0], 256):
+        check()
+        deformed = model.positions + lat.displacements(model, z[start:start + 256])
+        parts.append(rigid_fit(model.positions, deformed, weights, centres))
+    fit = RigidFit(torch.cat([p.rotation for p in parts]), torch.cat([p.shift for p in parts]),
+                   torch.cat([p.residual for p in parts]), centres)
+    px, omega = inputs.pixel_size, fit.axis_angle_deg()
+    shift, residual = _np(fit.shift) * px, _np(fit.residual) * px
+    columns: dict[str, np.ndarray] = {}
+    rows_out = []
+    for k, path in enumerate(o.rigid_body_masks):
+        b = f"dmBody{k + 1}"
+        columns.update({f"{b}Rot{a}": omega[:, k, i] for i, a in enumerate("XYZ")})
+        columns[f"{b}Angle"] = np.linalg.norm(omega[:, k], axis=1)
+        columns.update({f"{b}Shift{a}": shift[:, k, i] for i, a in enumerate("XYZ")})
+        columns[f"{b}Residual"] = residual[:, k]
+        rows_out.append([k + 1, str(path), float(columns[f"{b}Angle"].mean()),
+                         float(np.sqrt((shift[:, k] ** 2).sum(1).mean())), float(residual[:, k].mean())])
+    assert res.rows is not None
+    star = sub.write_subset(inputs.table, res.rows, res.out_dir / "rigid_transforms.star", extra_columns=columns)
+    log.info("Rigid-body fits of %d particles, %d bodies: %s", len(res.rows), len(o.rigid_body_masks), star)
+    res.sections.append(Section(
+        "Rigid bodies", text=("Per particle and body, the rigid motion closest to the learned deformation of the "
+                              "body's Gaussians (rotation about the body's centre, translation), and the RMS motion "
+                              "that is not rigid."),
+        tables=[("Per body", ["body", "mask", "mean rotation (°)", "RMS translation (Å)", "mean non-rigid RMS (Å)"],
+                 rows_out)],
+        files=[(star, "per-particle rotations (axis-angle, °), translations (Å) and residuals (Å)")]))
 
 
 def _latent_results(res: Results) -> tuple[Tensor, lat.Pca]:

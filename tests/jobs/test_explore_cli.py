@@ -115,3 +115,30 @@ def test_mask_file_restricts_the_motion_to_the_mask(tmp_path: Path, monkeypatch:
                     "--pipeline-control", JOB + "/")
     assert result.exit_code == 1 and (tmp_path / JOB / EXIT_FAILURE).exists()
     assert "--mask-file small.mrc: box 16 differs from the particles' 32" in result.output
+
+
+def test_rigid_body_masks_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rigid-body-masks A,B: per-particle rigid fits in rigid_transforms.star; a mask of another box is refused
+    before the analysis."""
+    import mrcfile
+    import starfile
+
+    make_trained_job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    for name, lo, hi in (("a.mrc", 0, BOX // 2), ("b.mrc", BOX // 2, BOX)):
+        mask = np.zeros((BOX, BOX, BOX), dtype=np.float32)
+        mask[:, :, lo:hi] = 1.0
+        with mrcfile.new(tmp_path / name) as mrc:
+            mrc.set_data(mask)
+    result = invoke("explore-latent-space", JOB, "--half-set", "1", "--movie-pcs", "0", "--gpu-id", "cpu",
+                    "--rigid-body-masks", "a.mrc,b.mrc", "--pipeline-control", JOB + "/")
+    assert result.exit_code == 0, result.output
+    table = starfile.read(tmp_path / JOB / "explore" / "half1" / "rigid_transforms.star", always_dict=True)
+    columns = set(table["particles"].columns)
+    assert {"dmBody1Angle", "dmBody2ShiftZ", "dmBody2Residual"} <= columns
+    with mrcfile.new(tmp_path / "small.mrc") as mrc:
+        mrc.set_data(np.ones((16, 16, 16), dtype=np.float32))
+    result = invoke("explore-latent-space", JOB, "--half-set", "1", "--rigid-body-masks", "a.mrc,small.mrc",
+                    "--pipeline-control", JOB + "/")
+    assert result.exit_code == 1 and "--rigid-body-masks small.mrc: box 16 differs" in result.output
