@@ -159,7 +159,8 @@ class Trainer:
                     ) from None
                 lines.append(stats.line(n_epochs))
                 if model.stopped:
-                    lines.append(f"half {h}: validation loss stopped improving; this half stops training")
+                    lines.append(f"half {h}: training stops at epoch {epoch + 1} of at most {n_epochs}: its validation "
+                                 f"loss has increased {model.plateau.increases} times (the paper's rule)")
             self._log_lines(lines)
             epoch += 1
             all_stopped = self._all_stopped()
@@ -175,6 +176,9 @@ class Trainer:
             live = int(self.config.get("live_every", 5))
             if live > 0 and epoch % live == 0 and epoch < n_epochs:
                 self.write_live(progress)
+        self._log_lines([f"half {h}: training stops at epoch {epoch}: the maximum (--n-epochs); its validation loss "
+                         f"increased {m.plateau.increases} of the {m.plateau.patience} times that stop it earlier"
+                         for h, m in sorted(self.models.items()) if not m.stopped])
         return epoch
 
     def write_live(self, progress: Progress) -> None:

@@ -99,6 +99,8 @@ def test_progress_lines(project):
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if " half " in ln and "particles/s" in ln]
     assert len(lines) == 8 and "lambda" in lines[-1] and "s/epoch" in lines[-1]
+    for h in (1, 2):   # run.out says why training stopped
+        assert f"half {h}: training stops at epoch 4: the maximum (--n-epochs); its validation loss increased " in res.stdout
     # rerunning a finished job continues from its final checkpoint without training again
     res = run_cli(*_args("DynaMight/job003", 4), cwd=project)
     assert res.returncode == 0 and "Training already complete" in res.stdout
