@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from relion_dynamight.analysis.figures import save_figure
+
 
 @dataclass
 class Panel:
@@ -29,13 +31,6 @@ def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 def scatter_panels(path: Path, coords: np.ndarray, panels: Sequence[Panel], xlabel: str = "PC1",
@@ -67,7 +62,7 @@ def scatter_panels(path: Path, coords: np.ndarray, panels: Sequence[Panel], xlab
         ax.set_ylabel(ylabel)
     if suptitle:
         fig.suptitle(suptitle)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def gaussian_projections(path: Path, positions_A: np.ndarray, values: np.ndarray, title: str,
@@ -86,9 +81,7 @@ def gaussian_projections(path: Path, positions_A: np.ndarray, values: np.ndarray
         ax.set_ylabel(f"{yl} (Å)")
     fig.colorbar(sc, ax=fig.axes, shrink=0.8, label=unit)
     fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path, tight=False)
 
 
 def explained_variance(path: Path, explained: np.ndarray) -> Path:
@@ -97,7 +90,7 @@ def explained_variance(path: Path, explained: np.ndarray) -> Path:
     ax.bar(np.arange(1, len(explained) + 1), explained * 100)
     ax.set_xlabel("principal component")
     ax.set_ylabel("variance explained (%)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def error_summary(path: Path, particle_error: np.ndarray, particle_motion: np.ndarray,
@@ -119,7 +112,7 @@ def error_summary(path: Path, particle_error: np.ndarray, particle_motion: np.nd
     ax.set_xlabel("Gaussian motion (Å)")
     ax.set_ylabel("Gaussian error (Å)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def movie(path: Path, frames: np.ndarray, fps: float = 8.0, titles: Sequence[str] | None = None) -> list[Path]:
@@ -149,6 +142,5 @@ def _png_frames(path: Path, frames: np.ndarray, titles: Sequence[str] | None) ->
         ax.set_axis_off()
         if titles:
             ax.set_title(titles[k])
-        out.append(folder / f"frame_{k:03d}.png")
-        fig.savefig(out[-1])
+        out.append(save_figure(fig, folder / f"frame_{k:03d}.png", tight=False))
     return out

@@ -11,18 +11,25 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _save(plt: Any, fig: Figure, path: Path) -> Path:
-    """Lay out, write ``fig`` as PNG to ``path`` (creating its folder; atomically, so a figure that is rewritten
-    while a job runs is never seen half written) and release it."""
+def save_figure(fig: Figure, path: Path, tight: bool = True, dpi: float | str = "figure") -> Path:
+    """Write ``fig`` as PNG to ``path``, creating its folder, atomically (a figure rewritten while a job runs is never
+    seen half written); ``tight``: lay it out first."""
     from relion_dynamight.relion.jobdir import atomic_output
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
+
+
+def _save(plt: Any, fig: Figure, path: Path) -> Path:
+    """:func:`save_figure` at 100 dpi, then release the pyplot figure."""
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def _pyplot():

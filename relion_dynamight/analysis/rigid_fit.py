@@ -63,3 +63,20 @@ def rigid_fit(positions: Tensor, deformed: Tensor, weights: Tensor, centres: Ten
         shifts.append(d + (rot @ c[:, None])[..., 0] - c)          # x' = R (x − c) + c + t
         rots.append(rot)
     return RigidFit(torch.stack(rots, 1), torch.stack(shifts, 1), torch.stack(residuals, 1), centres)
+
+
+def body_columns(omega_deg: np.ndarray, shift_angstrom: np.ndarray,
+                 residual_angstrom: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """STAR columns of per-particle rigid motions ``(n, K, 3)``, body ``k`` numbered from 1: ``dmBody<k>RotX/Y/Z``
+    (axis-angle, degrees), ``dmBody<k>Angle`` (degrees), ``dmBody<k>ShiftX/Y/Z`` (Å) and, when given,
+    ``dmBody<k>Residual`` (Å ``(n, K)``, the RMS motion that is not rigid)."""
+    columns: dict[str, np.ndarray] = {}
+    for k in range(omega_deg.shape[1]):
+        b = f"dmBody{k + 1}"
+        columns.update({f"{b}Rot{a}": omega_deg[:, k, i] for i, a in enumerate("XYZ")})
+        columns[f"{b}Angle"] = np.linalg.norm(omega_deg[:, k], axis=1)
+        columns.update({f"{b}Shift{a}": shift_angstrom[:, k, i] for i, a in enumerate("XYZ")})
+        if residual_angstrom is not None:
+            columns[f"{b}Residual"] = residual_angstrom[:, k]
+    return columns
+

@@ -54,15 +54,16 @@ def _normalise(points: Tensor, size: int) -> Tensor:
     return (points + size // 2) * (2.0 / (size - 1)) - 1.0
 
 
-def sample_volume(volume: Tensor, points: Tensor, padding_mode: str = "zeros") -> Tensor:
+def sample_volume(volume: Tensor, points: Tensor, padding_mode: str = "zeros", box: int | None = None) -> Tensor:
     """Trilinear samples of ``volume`` at ``points``.
 
     ``volume``: ``(C, N, N, N)`` or ``(N, N, N)``; ``points``: ``(..., 3)`` pixels from the centre.
+    ``box``: the pixel box that the volume covers when it is sampled on a coarser grid (default ``N``).
     Returns ``(C, ...)`` or ``(...)``.  Outside the map: ``padding_mode`` of :func:`torch.nn.functional.grid_sample`.
     """
     squeeze = volume.dim() == 3
     vol = volume[None, None] if squeeze else volume[None]
-    n = volume.shape[-1]
+    n = volume.shape[-1] if box is None else int(box)
     shape = points.shape[:-1]
     grid = _normalise(points.reshape(1, -1, 1, 1, 3).to(vol.dtype), n)
     out = F.grid_sample(vol, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)

@@ -112,11 +112,12 @@ def run(job: Any, output_directory: Path, half_set: int = 1, checkpoint_file: Pa
     if half_set not in (0, 1, 2):
         raise InputError(f"--half-set {half_set}: use 1 or 2 (that half's particles) or 0 (validation particles, "
                          "error estimates)")
+    from relion_dynamight.model.rigid import mask_paths
+
     options = ExploreOptions(latent_points=latent_points, clusters=clusters, axis_ranges=tuple(axis_range),
                              polygons=tuple(polygon), movie_pcs=movie_pcs, movie_path=movie_path,
                              n_frames=n_frames, seed=seed,
-                             rigid_body_masks=tuple(Path(p.strip()) for p in (rigid_body_masks or "").split(",")
-                                                    if p.strip()))
+                             rigid_body_masks=tuple(mask_paths(rigid_body_masks)))
     _check_options(options)
     inputs = load_inputs(Path(output_directory), half_set, checkpoint_file, gpu_id, refinement_star_file)
     if options.rigid_body_masks:
@@ -552,14 +553,15 @@ def _movies(inputs: ExploreInputs, o: ExploreOptions, res: Results, check: Calla
 def _rigid_bodies(inputs: ExploreInputs, o: ExploreOptions, res: Results, check: Callable[[], None]) -> None:
     """``--rigid-body-masks``: each particle's best rigid motion of every body (:mod:`..analysis.rigid_fit`) in
     ``rigid_transforms.star``, with how far from rigid the learned motion is."""
-    from relion_dynamight.analysis.rigid_fit import RigidFit, rigid_fit
-    from relion_dynamight.model.rigid import lookup, read_body_masks
+    from relion_dynamight.analysis.rigid_fit import RigidFit, body_columns, rigid_fit
+    from relion_dynamight.imaging.warp import sample_volume
+    from relion_dynamight.model.rigid import read_body_masks
 
     model = inputs.models[inputs.half_set]
     z, _ = _latent_results(res)
     masks, centres = read_body_masks(o.rigid_body_masks, inputs.box)
     masks, centres = masks.to(model.device), centres.to(model.device, model.positions.dtype)
-    weights = lookup(masks, model.positions, inputs.box).clamp(0.0, 1.0).to(model.positions.dtype)
+    weights = sample_volume(masks, model.positions, box=inputs.box).clamp(0.0, 1.0).to(model.positions.dtype)
     for path, w in zip(o.rigid_body_masks, weights):
         if float(w.sum()) < 3.0:
             raise InputError(f"--rigid-body-masks {path}: fewer than 3 Gaussians of the model lie inside; give a "
@@ -573,16 +575,10 @@ def _rigid_bodies(inputs: ExploreInputs, o: ExploreOptions, res: Results, check:
                    torch.cat([p.residual for p in parts]), centres)
     px, omega = inputs.pixel_size, fit.axis_angle_deg()
     shift, residual = _np(fit.shift) * px, _np(fit.residual) * px
-    columns: dict[str, np.ndarray] = {}
-    rows_out = []
-    for k, path in enumerate(o.rigid_body_masks):
-        b = f"dmBody{k + 1}"
-        columns.update({f"{b}Rot{a}": omega[:, k, i] for i, a in enumerate("XYZ")})
-        columns[f"{b}Angle"] = np.linalg.norm(omega[:, k], axis=1)
-        columns.update({f"{b}Shift{a}": shift[:, k, i] for i, a in enumerate("XYZ")})
-        columns[f"{b}Residual"] = residual[:, k]
-        rows_out.append([k + 1, str(path), float(columns[f"{b}Angle"].mean()),
-                         float(np.sqrt((shift[:, k] ** 2).sum(1).mean())), float(residual[:, k].mean())])
+    columns = body_columns(omega, shift, residual)
+    rows_out = [[k + 1, str(path), float(columns[f"dmBody{k + 1}Angle"].mean()),
+                 float(np.sqrt((shift[:, k] ** 2).sum(1).mean())), float(residual[:, k].mean())]
+                for k, path in enumerate(o.rigid_body_masks)]
     assert res.rows is not None
     star = sub.write_subset(inputs.table, res.rows, res.out_dir / "rigid_transforms.star", extra_columns=columns)
     log.info("Rigid-body fits of %d particles, %d bodies: %s", len(res.rows), len(o.rigid_body_masks), star)

@@ -211,11 +211,11 @@ def _initial_model(volume: torch.Tensor, config: dict[str, Any], atomic_model: P
 
 def _rigid_bodies(rigid_body_masks: str | None, mask_file: Path | None, box: int) -> list[str] | None:
     """``--rigid-body-masks a.mrc,b.mrc`` → the mask files (checked now, before any work), or None."""
-    if not rigid_body_masks:
-        return None
-    paths = [p.strip() for p in str(rigid_body_masks).split(",") if p.strip()]
+    from relion_dynamight.model.rigid import mask_paths
+
+    paths = [str(p) for p in mask_paths(rigid_body_masks)]
     if not paths:
-        raise InputError(f"--rigid-body-masks {rigid_body_masks!r}: give the body masks as FILE1.mrc,FILE2.mrc")
+        return None
     if mask_file is not None:
         raise InputError("--rigid-body-masks and --mask-file exclude each other: the bodies' masks already say "
                          "what moves; drop --mask-file")

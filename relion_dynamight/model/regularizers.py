@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from relion_dynamight.imaging.warp import sample_volume
+
 _CHUNK_ELEMENTS = 1 << 22  # candidate pairs handled at once (a few tens of MiB)
 
 # 27 cell offsets (dx, dy, dz) of a cell and its neighbours
@@ -195,14 +197,9 @@ def repulsion_loss(deformed: Tensor, pairs: Tensor, min_distance: float | Tensor
 
 
 def mask_to_gaussian_weights(mask: Tensor, positions: Tensor) -> Tensor:
-    """Trilinear lookup of a map ``mask[z, y, x]`` ``(N, N, N)`` at positions ``(M, 3)`` px → ``(M,)``.
+    """Trilinear lookup of a map ``mask[z, y, x]`` ``(N, N, N)`` at positions ``(M, 3)`` px → ``(M,)``
+    (:func:`~relion_dynamight.imaging.warp.sample_volume`).
 
     Values are clamped to ``[0, 1]``; positions outside the box get 0.
     """
-    n = mask.shape[-1]
-    idx = positions.detach().to(mask.dtype) + n // 2  # voxel index (x, y, z)
-    grid = idx / (n - 1) * 2.0 - 1.0  # align_corners=True: -1 ↔ index 0, +1 ↔ index n-1
-    out = F.grid_sample(
-        mask[None, None], grid[None, None, None], mode="bilinear", padding_mode="zeros", align_corners=True
-    )
-    return out.reshape(-1).clamp(0.0, 1.0)
+    return sample_volume(mask, positions.detach()).clamp(0.0, 1.0)

@@ -7,7 +7,7 @@ the axis) and a translation ``t_k`` (pixels).  The displacement of a point ``x``
 
     d(x, z) = Σ_k w_k(x) · (R(ω_k) (x − c_k) + c_k + t_k − x)
 
-with ``w_k(x)`` body ``k``'s mask at ``x`` (trilinear; where masks overlap to more than 1 they are normalised).
+with ``w_k(x)`` body ``k``'s mask at ``x`` (trilinear, :func:`~relion_dynamight.imaging.warp.sample_volume`; where masks overlap to more than 1 they are normalised).
 Points outside every mask stay put.  ``d`` is a field, defined everywhere, so the inverse deformation, the
 deformed backprojection and the exploration use a :class:`RigidBodyDecoder` exactly as the flexible decoder.
 
@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from relion_dynamight.imaging.warp import sample_volume
 
 #: Largest grid on which the body masks are kept (and saved with the checkpoints).
 MASK_GRID = 64
@@ -43,15 +45,6 @@ def rotation_matrices(omega: Tensor) -> Tensor:
     return eye + a * k + b * (k @ k)
 
 
-def lookup(masks: Tensor, points: Tensor, box: int) -> Tensor:
-    """Masks ``(K, G, G, G)`` ``[z, y, x]`` covering the box of ``box`` pixels, trilinear at ``points`` ``(..., 3)``
-    (pixels from the box centre, index ``box // 2``) → weights ``(K, ...)``; 0 outside the box."""
-    shape = points.shape[:-1]
-    grid = (points.reshape(1, 1, 1, -1, 3).to(masks.dtype) + box // 2) / (box - 1) * 2.0 - 1.0
-    out = F.grid_sample(masks[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.reshape(masks.shape[0], *shape)
-
-
 def body_masks(maps: Sequence[Tensor], box: int) -> tuple[Tensor, Tensor]:
     """Soft masks ``(box,)*3`` → ``(masks (K, G, G, G) on a grid of at most MASK_GRID³, centres (K, 3))``, the
     centres being each mask's weighted centroid in pixels from the box centre (x, y, z)."""
@@ -66,6 +59,18 @@ def body_masks(maps: Sequence[Tensor], box: int) -> tuple[Tensor, Tensor]:
     return small.clamp(0.0, 1.0), centres
 
 
+def mask_paths(text: str | None) -> list[Path]:
+    """``--rigid-body-masks a.mrc,b.mrc`` → the paths ([] when the option is not given)."""
+    if text is None:
+        return []
+    paths = [Path(p.strip()) for p in str(text).split(",") if p.strip()]
+    if not paths:
+        from relion_dynamight.errors import InputError
+
+        raise InputError(f"--rigid-body-masks {text!r}: give the body masks as FILE1.mrc,FILE2.mrc")
+    return paths
+
+
 def read_body_masks(paths: Sequence[str | Path], box: int) -> tuple[Tensor, Tensor]:
     """The masks of ``--rigid-body-masks`` files (each checked as a RELION soft mask) → :func:`body_masks`."""
     from relion_dynamight.relion.mrc import read_soft_mask
@@ -76,7 +81,8 @@ def read_body_masks(paths: Sequence[str | Path], box: int) -> tuple[Tensor, Tens
 class RigidBodyDecoder(nn.Module):
     """``forward(positions (M, 3) px, z (B, L)) -> displacements (B, M, 3) px`` of ``n_bodies`` rigid bodies.
 
-    ``masks`` ``(K, G, G, G)`` and ``centres`` ``(K, 3)`` from :func:`body_masks` (zeros until
+    ``masks`` ``(K, G, G, G)`` (sampled with :func:`~relion_dynamight.imaging.warp.sample_volume`) and ``centres``
+    ``(K, 3)`` from :func:`body_masks` (zeros until
     :meth:`set_bodies` or ``load_state_dict`` fills them).  The last layer starts at zero: every particle starts
     at the identity, as the flexible decoder does.
     """
@@ -102,7 +108,6 @@ class RigidBodyDecoder(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.register_buffer("masks", torch.zeros(n_bodies, g, g, g))
         self.register_buffer("centres", torch.zeros(n_bodies, 3))
-        self.mask = None   # no per-Gaussian mask: the bodies are the mask
 
     @property
     def latent_dim(self) -> int:
@@ -126,7 +131,7 @@ class RigidBodyDecoder(nn.Module):
         omega, shift = self.transforms(z.to(self.centres.dtype))
         rot = rotation_matrices(omega)                                           # (B, K_b, 3, 3)
         pts = points if points.dim() == 3 else points.unsqueeze(0).expand(z.shape[0], -1, -1)
-        weights = lookup(self.masks, pts, self.box).clamp(0.0, 1.0)           # (K_b, B, P)
+        weights = sample_volume(self.masks, pts, box=self.box).clamp(0.0, 1.0)   # (K_b, B, P)
         total = weights.sum(0, keepdim=True)
         weights = weights / total.clamp_min(1.0)
         rel = pts[:, None] - self.centres[None, :, None]                         # (B, K_b, P, 3)

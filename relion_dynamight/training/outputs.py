@@ -59,11 +59,11 @@ def write_outputs(output_dir: Path, table: Any, split: HalfSplit, latents: np.nd
 
 
 def rigid_transform_columns(state: dict[str, Any], halves: np.ndarray, latents: np.ndarray) -> dict[str, np.ndarray]:
-    """Per particle and body ``k`` (rigid-body mode): ``dmBody<k>RotX/Y/Z`` (axis-angle vector, degrees: its length
-    is the rotation angle, its direction the axis), ``dmBody<k>ShiftX/Y/Z`` (translation, Å) and
-    ``dmBody<k>Angle`` (degrees), from each particle's own half set's decoder."""
+    """Per particle and body (rigid-body mode), from each particle's own half set's decoder: the columns of
+    :func:`relion_dynamight.analysis.rigid_fit.body_columns` (axis-angle and angle in degrees, translation in Å)."""
     import torch
 
+    from relion_dynamight.analysis.rigid_fit import body_columns
     from relion_dynamight.model.decoder import decoder_from_config
     from relion_dynamight.model.rigid import RigidBodyDecoder
 
@@ -79,14 +79,7 @@ def rigid_transform_columns(state: dict[str, Any], halves: np.ndarray, latents: 
         with torch.no_grad():
             w, t = decoder.transforms(torch.from_numpy(latents[rows]).float())
         omega[rows], shift[rows] = w.double().numpy(), t.double().numpy()
-    columns: dict[str, np.ndarray] = {}
-    for k in range(n_bodies):
-        for i, axis in enumerate("XYZ"):
-            columns[f"dmBody{k + 1}Rot{axis}"] = np.degrees(omega[:, k, i])
-        for i, axis in enumerate("XYZ"):
-            columns[f"dmBody{k + 1}Shift{axis}"] = shift[:, k, i] * pixel
-        columns[f"dmBody{k + 1}Angle"] = np.degrees(np.linalg.norm(omega[:, k], axis=1))
-    return columns
+    return body_columns(np.degrees(omega), shift * pixel)
 
 
 def write_rigid_transforms(path: Path, table: Any, state: dict[str, Any], split: HalfSplit,

@@ -12,7 +12,7 @@ import starfile
 import torch
 from scipy.spatial.transform import Rotation
 
-from explore_data import BOX, MAX_ANGLE, PIXEL, make_inputs
+from explore_data import BOX, MAX_ANGLE, make_inputs, slab_masks
 from relion_dynamight.analysis.rigid_fit import rigid_fit, weighted_kabsch
 from relion_dynamight.errors import InputError
 from relion_dynamight.jobs.explore import ExploreOptions, explore
@@ -38,22 +38,10 @@ def test_weighted_kabsch_recovers_rotation_and_shift_and_ignores_zero_weights() 
     torch.testing.assert_close(moved[:, :30], target[:, :30])
 
 
-def _slab_masks(root: Path) -> list[Path]:
-    paths = []
-    for k, (lo, hi) in enumerate(((0, BOX // 2), (BOX // 2, BOX))):   # x < 0 and x >= 0 px
-        mask = np.zeros((BOX, BOX, BOX), dtype=np.float32)
-        mask[:, :, lo:hi] = 1.0
-        paths.append(root / f"slab{k + 1}.mrc")
-        with mrcfile.new(paths[-1], overwrite=True) as mrc:
-            mrc.set_data(mask)
-            mrc.voxel_size = PIXEL
-    return paths
-
-
 def test_explore_reads_the_hinge_as_two_rigid_bodies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     inputs, _ = make_inputs(tmp_path, n=60)
-    masks = _slab_masks(tmp_path)
+    masks = slab_masks(tmp_path)
     res = explore(inputs, ExploreOptions(movie_pcs=0, rigid_body_masks=tuple(masks)))
     table = starfile.read(res.out_dir / "rigid_transforms.star", always_dict=True)["particles"]
     rows = np.flatnonzero(inputs.latent.half == 1)

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from relion_dynamight.relion.jobdir import EXIT_FAILURE, EXIT_SUCCESS, read_output_nodes
 
 from runs import run_cli
-from explore_data import BOX, JOB, PIXEL, gaussian_positions, make_trained_job  # noqa: F401
+from explore_data import BOX, JOB, PIXEL, gaussian_positions, make_trained_job, slab_masks  # noqa: F401
 
 @pytest.fixture(autouse=True)
 def restore_logging() -> None:
@@ -126,11 +126,7 @@ def test_rigid_body_masks_through_the_cli(tmp_path: Path, monkeypatch: pytest.Mo
     make_trained_job(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DISPLAY", raising=False)
-    for name, lo, hi in (("a.mrc", 0, BOX // 2), ("b.mrc", BOX // 2, BOX)):
-        mask = np.zeros((BOX, BOX, BOX), dtype=np.float32)
-        mask[:, :, lo:hi] = 1.0
-        with mrcfile.new(tmp_path / name) as mrc:
-            mrc.set_data(mask)
+    slab_masks(tmp_path, ("a.mrc", "b.mrc"))
     result = invoke("explore-latent-space", JOB, "--half-set", "1", "--movie-pcs", "0", "--gpu-id", "cpu",
                     "--rigid-body-masks", "a.mrc,b.mrc", "--pipeline-control", JOB + "/")
     assert result.exit_code == 0, result.output

@@ -169,3 +169,18 @@ def make_trained_job(root: Path, n: int = 80) -> Path:
              **{f"dmLatent{k + 1}": z[:, k] for k in range(LATENT)}}
     write_particles(table, job / "forward_deformations" / "latent_space.star", extra_columns=extra)
     return job
+
+
+def slab_masks(root: Path, names: tuple[str, str] = ("slab1.mrc", "slab2.mrc")) -> list[Path]:
+    """Two hard masks of the box: x < 0 px (the still slab of :class:`HingeDecoder`) and x >= 0 px (the turning
+    one), written as MRC files ``root / names``."""
+    paths = []
+    for name, (lo, hi) in zip(names, ((0, BOX // 2), (BOX // 2, BOX))):
+        mask = np.zeros((BOX, BOX, BOX), dtype=np.float32)
+        mask[:, :, lo:hi] = 1.0
+        paths.append(root / name)
+        with mrcfile.new(paths[-1], overwrite=True) as mrc:
+            mrc.set_data(mask)
+            mrc.voxel_size = PIXEL
+    return paths
+
